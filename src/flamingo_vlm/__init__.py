@@ -1,0 +1,24 @@
+"""flamingo-vlm: Flamingo (Alayrac et al., 2022) on any Hugging Face causal LM."""
+
+from .builder import build_flamingo, load_flamingo
+from .config import FlamingoConfig
+from .modeling import FlamingoModel, FlamingoOutput, GatedCrossAttentionBlock, ImageTransform, PerceiverResampler, VisionEncoder, load_vision_encoder
+from .processing import FlamingoProcessor, Video, add_special_tokens
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "build_flamingo",
+    "load_flamingo",
+    "FlamingoConfig",
+    "FlamingoModel",
+    "FlamingoOutput",
+    "FlamingoProcessor",
+    "GatedCrossAttentionBlock",
+    "ImageTransform",
+    "PerceiverResampler",
+    "Video",
+    "VisionEncoder",
+    "add_special_tokens",
+    "load_vision_encoder",
+]

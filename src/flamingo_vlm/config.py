@@ -1,0 +1,111 @@
+"""FlamingoConfig: every architectural choice of the bridge, saved next to its weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+CONFIG_NAME = "flamingo_config.json"
+
+MEDIA_TOKEN = "<image>"
+END_OF_CHUNK_TOKEN = "<|endofchunk|>"
+PAD_TOKEN = "<PAD>"
+
+
+@dataclass
+class FlamingoConfig:
+    """Configuration of a Flamingo model: the backbones it names and the bridge it trains.
+
+    Defaults follow the paper (arXiv 2204.14198, appendix A.1.1 and Table 4) where it is specific.
+    """
+
+    # Backbones: a local path or hub name that ``from_pretrained`` of the backbone accepts.
+    lm_name_or_path: str | None = None
+    vision_name_or_path: str | None = None
+    # "clip" | "siglip" | "open_clip" | "timm" (see flamingo_vlm.modeling.vision).
+    vision_type: str = "clip"
+    # Which hidden state of the vision encoder to use (-1: last) and whether to drop its CLS token.
+    vision_feature_layer: int = -1
+    # Dotted path to the LM's ModuleList of decoder layers; found structurally when None.
+    decoder_layers_attr: str | None = None
+
+    # Perceiver Resampler (appendix A.1.1): 6 layers, 64 latents.
+    resampler_depth: int = 6
+    resampler_num_latents: int = 64
+    resampler_heads: int = 8
+    resampler_dim_head: int = 64
+    resampler_ff_mult: int = 4
+    # Number of learned time embeddings (frames seen in training); longer videos interpolate them.
+    max_num_frames: int = 8
+
+    # GATED XATTN-DENSE (section 2.2).
+    cross_attn_every_n_layers: int = 1
+    xattn_heads: int = 8
+    xattn_dim_head: int = 64
+    xattn_ff_mult: int = 4
+    # LayerNorm on the visual key/value inputs of each cross-attention (paper v1); off for OpenFlamingo.
+    xattn_norm_media: bool = True
+    # "squared_relu" (paper) or "gelu" (OpenFlamingo).
+    ff_activation: Literal["squared_relu", "gelu"] = "squared_relu"
+    # Gates are tanh(alpha); "zeros" makes the model equal to the LM at initialisation.
+    gate_init: Literal["zeros", "normal"] = "zeros"
+    gate_init_std: float = 0.02
+
+    # Masking (section 2.3): "last" = each token sees only the immediately preceding image (phi);
+    # "all" = every previous image (the paper's ablation).
+    media_attention: Literal["last", "all"] = "last"
+    # Packed sequences: tokens after an EOS see no image of the previous document.
+    reset_media_at_eos: bool = False
+
+    # Special tokens added to the LM's tokenizer; their ids are filled in when the model is built.
+    media_token: str = MEDIA_TOKEN
+    end_of_chunk_token: str = END_OF_CHUNK_TOKEN
+    pad_token: str = PAD_TOKEN
+    new_token_ids: list[int] = field(default_factory=list)
+    media_token_id: int | None = None
+    end_of_chunk_token_id: int | None = None
+    pad_token_id: int | None = None
+    eos_token_id: int | None = None
+    # Filled from the backbones when the model is built.
+    lm_hidden_size: int | None = None
+    vision_hidden_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.media_attention not in ("last", "all"):
+            raise ValueError(f"media_attention must be 'last' or 'all', got {self.media_attention!r}")
+        if self.ff_activation not in ("squared_relu", "gelu"):
+            raise ValueError(f"ff_activation must be 'squared_relu' or 'gelu', got {self.ff_activation!r}")
+        if self.gate_init not in ("zeros", "normal"):
+            raise ValueError(f"gate_init must be 'zeros' or 'normal', got {self.gate_init!r}")
+        if self.cross_attn_every_n_layers < 1:
+            raise ValueError("cross_attn_every_n_layers must be >= 1")
+        for name in ("resampler_depth", "resampler_num_latents", "resampler_heads", "xattn_heads", "max_num_frames"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FlamingoConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown FlamingoConfig keys: {unknown}")
+        return cls(**data)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "FlamingoConfig":
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory!s}: is it a flamingo_vlm save_pretrained directory?")
+        with open(path) as f:
+            return cls.from_dict(json.load(f))

@@ -1,0 +1,359 @@
+"""FlamingoModel: frozen vision encoder -> Perceiver Resampler -> frozen LM with gated cross-attention."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import FlamingoConfig
+from .context import GenerationMediaContext, MediaContext
+from .lm import ExtendedEmbedding, ExtendedLMHead, FlamingoDecoderLayer, add_new_token_rows, find_decoder_layers, wrap_lm
+from .masking import build_routing
+from .resampler import PerceiverResampler
+from .vision import VisionEncoder
+from .xattn import GatedCrossAttentionBlock
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class FlamingoOutput:
+    """loss: scalar mean token NLL over labels != -100 (None without labels); logits [B, L, V];
+    cache: the LM's KV cache when use_cache; visual_tokens [M, n, d_visual]."""
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    cache: Any = None
+    visual_tokens: torch.Tensor | None = None
+
+    def __getitem__(self, key: str):
+        return getattr(self, key)
+
+
+def xattn_layer_indices(num_layers: int, every_n: int) -> list[int]:
+    """Decoder layers that get a gated xattn block before them: every n-th, counting from 1 (as OpenFlamingo)."""
+    return [i for i in range(num_layers) if (i + 1) % every_n == 0]
+
+
+class FlamingoModel(nn.Module):
+    """A Flamingo model around a frozen HF causal LM and a frozen vision encoder.
+
+    Trainable: the resampler, the gated xattn blocks and the new special-token rows
+    (:meth:`trainable_parameters`). Everything else is frozen and kept in eval mode (no dropout).
+    """
+
+    def __init__(self, config: FlamingoConfig, lm: nn.Module, vision_encoder: VisionEncoder) -> None:
+        super().__init__()
+        if config.media_token_id is None or config.pad_token_id is None or config.end_of_chunk_token_id is None:
+            raise ValueError("config lacks the special token ids: build the model with flamingo_vlm.build_flamingo")
+        self.config = config
+        self.vision_encoder = vision_encoder.requires_grad_(False)
+        self.lm = lm.requires_grad_(False)
+        lm_hidden = lm.config.get_text_config().hidden_size
+        config.lm_hidden_size, config.vision_hidden_size = lm_hidden, vision_encoder.hidden_size
+        self.resampler = PerceiverResampler(
+            dim=vision_encoder.hidden_size,
+            depth=config.resampler_depth,
+            num_latents=config.resampler_num_latents,
+            heads=config.resampler_heads,
+            dim_head=config.resampler_dim_head,
+            ff_mult=config.resampler_ff_mult,
+            max_num_frames=config.max_num_frames,
+            activation=config.ff_activation,
+        )
+        _, layers = find_decoder_layers(lm, config.decoder_layers_attr)
+        blocks = {
+            i: GatedCrossAttentionBlock(
+                dim=lm_hidden,
+                dim_visual=vision_encoder.hidden_size,
+                heads=config.xattn_heads,
+                dim_head=config.xattn_dim_head,
+                ff_mult=config.xattn_ff_mult,
+                activation=config.ff_activation,
+                norm_media=config.xattn_norm_media,
+                gate_init=config.gate_init,
+                gate_init_std=config.gate_init_std,
+            )
+            for i in xattn_layer_indices(len(layers), config.cross_attn_every_n_layers)
+        }
+        if config.new_token_ids:
+            add_new_token_rows(lm, len(config.new_token_ids), config.new_token_ids[0])
+        self.decoder_layers_attr = wrap_lm(lm, blocks, config.decoder_layers_attr)
+        device = next(lm.parameters()).device
+        self.resampler.to(device)
+        for block in blocks.values():
+            block.to(device)
+        self.train(False)
+
+    # ---- structure ---------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.resampler.latents.device
+
+    @property
+    def xattn_blocks(self) -> list[GatedCrossAttentionBlock]:
+        _, layers = find_decoder_layers(self.lm, self.decoder_layers_attr)
+        return [layer.gated_xattn for layer in layers if isinstance(layer, FlamingoDecoderLayer) and layer.gated_xattn is not None]
+
+    def train(self, mode: bool = True) -> "FlamingoModel":
+        """Only the bridge follows ``mode``; the frozen backbones always run in eval mode."""
+        super().train(mode)
+        self.vision_encoder.eval()
+        self.lm.eval()
+        for block in self.xattn_blocks:
+            block.train(mode)
+        return self
+
+    def flamingo_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained weights under layout-independent names: resampler.*, xattn.{k}.*, new_token_*."""
+        state = {f"resampler.{k}": v for k, v in self.resampler.state_dict().items()}
+        for k, block in enumerate(self.xattn_blocks):
+            state.update({f"xattn.{k}.{name}": v for name, v in block.state_dict().items()})
+        embed, head = self.lm.get_input_embeddings(), self.lm.get_output_embeddings()
+        if isinstance(embed, ExtendedEmbedding):
+            state["new_token_embeddings.weight"] = embed.new.weight
+        if isinstance(head, ExtendedLMHead) and head.new_weight is not None:
+            state["new_token_lm_head.weight"] = head.new_weight
+        return state
+
+    def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(name, parameter) for every trained weight, under :meth:`flamingo_state_dict` names."""
+        params = {id(p): p for p in self.parameters()}
+        for name, tensor in self.flamingo_state_dict().items():
+            if id(tensor) in params:  # parameters only (LayerNorm buffers would appear here too)
+                yield name, params[id(tensor)]
+
+    def _set_trainable(self) -> None:
+        for _, p in self.trainable_parameters():
+            p.requires_grad_(True)
+
+    def load_flamingo_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load :meth:`flamingo_state_dict` weights; every key and shape must match."""
+        own = self.flamingo_state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+        if missing or unexpected or mismatched:
+            raise ValueError(
+                "the checkpoint does not fit this model (different backbones or config?)\n"
+                f"  missing keys: {missing[:10]}{' ...' if len(missing) > 10 else ''}\n"
+                f"  unexpected keys: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}\n"
+                f"  shape mismatches: {mismatched[:10]}"
+            )
+        with torch.no_grad():
+            for k, v in own.items():
+                v.copy_(state[k])
+
+    # ---- media -------------------------------------------------------------------------------
+    def encode_vision(self, pixel_values: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """pixel_values [M, T, C, H, W] -> frame features [M, T, S, d]; the encoder runs once per real frame."""
+        m, t = pixel_values.shape[:2]
+        frames = pixel_values.flatten(0, 1)
+        keep = None if frame_mask is None else frame_mask.reshape(-1).bool()
+        if keep is not None:
+            frames = frames[keep]  # padding frames never reach the encoder
+        encoder_dtype = next(self.vision_encoder.parameters()).dtype
+        trains_encoder = any(p.requires_grad for p in self.vision_encoder.parameters())
+        with torch.set_grad_enabled(trains_encoder and torch.is_grad_enabled()):  # frozen: keep no activations
+            feats = self.vision_encoder(frames.to(encoder_dtype))
+        if keep is not None:
+            full = feats.new_zeros(m * t, *feats.shape[1:])
+            full[keep] = feats
+            feats = full
+        return feats.view(m, t, *feats.shape[1:])
+
+    def encode_media(self, pixel_values: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """pixel_values [M, T, C, H, W] -> visual tokens [M, num_latents, d_visual]."""
+        features = self.encode_vision(pixel_values, frame_mask)
+        return self.resampler(features.to(self.resampler.latents.dtype), frame_mask)
+
+    def _visual_tokens(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        frame_mask: torch.Tensor | None,
+        vision_features: torch.Tensor | None,
+        visual_tokens: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Validate inputs and return (visual tokens [M, n, d] or None, media count per row [B])."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype not in (torch.long, torch.int):
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be an integer tensor [batch, seq_len], got {shape}")
+        if input_ids.device != self.device:
+            raise ValueError(f"input_ids are on {input_ids.device} but the model is on {self.device}: move them with .to(model.device)")
+        counts = (input_ids == self.config.media_token_id).sum(dim=1)
+        given = [n for n, x in (("pixel_values", pixel_values), ("vision_features", vision_features), ("visual_tokens", visual_tokens)) if x is not None]
+        if len(given) > 1:
+            raise ValueError(f"pass only one of pixel_values, vision_features, visual_tokens (got {given})")
+        total = int(counts.sum())
+        if not given:
+            if total:
+                raise ValueError(f"the batch has {total} {self.config.media_token} token(s) but no media were given (pixel_values=None)")
+            return None, counts
+        x = pixel_values if pixel_values is not None else vision_features if vision_features is not None else visual_tokens
+        if x.device != self.device:
+            raise ValueError(f"{given[0]} is on {x.device} but the model is on {self.device}: move it with .to(model.device)")
+        if not x.is_floating_point():
+            raise ValueError(f"{given[0]} must be a float tensor (normalised pixels or features), got {x.dtype}")
+        if pixel_values is not None:
+            if x.ndim == 4:  # [M, C, H, W]: images
+                x = x[:, None]
+            elif x.ndim == 6:  # [B, N, T, C, H, W], OpenFlamingo's layout: N media in every row
+                if not bool((counts == x.shape[1]).all()):
+                    raise ValueError(
+                        f"pixel_values [batch, media, frames, C, H, W] has {x.shape[1]} media per row but the rows hold "
+                        f"{counts.tolist()} {self.config.media_token} tokens; pass the batch's media flat as [M, T, C, H, W]"
+                    )
+                x = x.flatten(0, 1)
+                if frame_mask is not None and frame_mask.ndim == 3:
+                    frame_mask = frame_mask.flatten(0, 1)
+            if x.ndim != 5 or x.shape[2] != 3:
+                raise ValueError(
+                    f"pixel_values must be [M, C, H, W], [M, T, C, H, W] or [B, N, T, C, H, W] with C=3, got shape {tuple(pixel_values.shape)}"
+                )
+        elif vision_features is not None and x.ndim != 4:
+            raise ValueError(f"vision_features must be [M, T, S, d], got shape {tuple(x.shape)}")
+        elif visual_tokens is not None and x.ndim != 3:
+            raise ValueError(f"visual_tokens must be [M, n, d], got shape {tuple(x.shape)}")
+        if x.shape[0] != total:
+            raise ValueError(
+                f"the batch has {total} {self.config.media_token} token(s) (per row: {counts.tolist()}) but {x.shape[0]} media were given"
+            )
+        if frame_mask is not None and frame_mask.shape != x.shape[:2]:
+            raise ValueError(f"frame_mask must be [M, T] = {tuple(x.shape[:2])}, got {tuple(frame_mask.shape)}")
+        if pixel_values is not None:
+            return self.encode_media(x, frame_mask), counts
+        if vision_features is not None:
+            return self.resampler(x.to(self.resampler.latents.dtype), frame_mask), counts
+        return x, counts
+
+    def _routing_args(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "media_token_id": c.media_token_id,
+            "mode": c.media_attention,
+            "eos_token_id": c.eos_token_id if c.reset_media_at_eos else None,
+        }
+
+    # ---- forward -----------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        frame_mask: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+        visual_tokens: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cache: Any = None,
+        use_cache: bool = False,
+        **lm_kwargs: Any,
+    ) -> FlamingoOutput:
+        """input_ids / attention_mask / labels [B, L]; media as pixel_values [M, T, C, H, W] (or [M, C, H, W],
+        or [B, N, T, C, H, W]), or pre-computed vision_features [M, T, S, d] or visual_tokens [M, n, d].
+
+        The M media are the batch's ``<image>`` tokens in row order. Returns a :class:`FlamingoOutput`.
+        """
+        visual, counts = self._visual_tokens(input_ids, pixel_values, frame_mask, vision_features, visual_tokens)
+        context = None
+        if visual is not None:
+            routing = build_routing(
+                input_ids,
+                media_offsets=counts.cumsum(0) - counts,
+                media_counts=counts,
+                num_media=visual.shape[0],
+                **self._routing_args(),
+            )
+            context = MediaContext(visual_tokens=visual, routing=routing)
+        out = self.lm(
+            input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=use_cache, flamingo_context=context, **lm_kwargs
+        )
+        loss = None
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+            loss = causal_lm_loss(out.logits, labels)
+        return FlamingoOutput(loss=loss, logits=out.logits, cache=getattr(out, "cache", None), visual_tokens=visual)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        frame_mask: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+        visual_tokens: torch.Tensor | None = None,
+        cache_media_kv: bool = True,
+        **generate_kwargs: Any,
+    ) -> torch.Tensor:
+        """Generate through ``transformers``' ``generate`` (greedy, beam search, sampling, ...).
+
+        The vision encoder and resampler run once per prompt medium (never once per beam); with
+        ``cache_media_kv`` each block's media keys/values are computed once and shared by every step and
+        beam. Stops at ``<|endofchunk|>`` or the LM's EOS; ``<image>`` is never generated.
+        Returns token ids [B * num_return_sequences, L + new] like ``transformers``.
+        """
+        visual, counts = self._visual_tokens(input_ids, pixel_values, frame_mask, vision_features, visual_tokens)
+        context = None
+        if visual is not None:
+            media_kv = tuple(block.media_kv(visual) for block in self.xattn_blocks) if cache_media_kv else None
+            context = GenerationMediaContext(
+                visual_tokens=visual,
+                routing=None,
+                media_kv=media_kv,
+                media_offsets=counts.cumsum(0) - counts,
+                media_counts=counts,
+                **self._routing_args(),
+            )
+        c = self.config
+        stop = [c.end_of_chunk_token_id] + ([c.eos_token_id] if c.eos_token_id is not None else [])
+        generate_kwargs.setdefault("eos_token_id", stop)
+        generate_kwargs.setdefault("pad_token_id", c.pad_token_id)
+        generate_kwargs.setdefault("suppress_tokens", [c.media_token_id])
+        if attention_mask is None:
+            attention_mask = (input_ids != c.pad_token_id).long()
+        return self.lm.generate(input_ids=input_ids, attention_mask=attention_mask, flamingo_context=context, **generate_kwargs)
+
+    # ---- persistence -------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write flamingo_config.json and model.safetensors (trained weights only), atomically."""
+        os.makedirs(directory, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.flamingo_state_dict().items()}
+        tmp = os.path.join(directory, WEIGHTS_NAME + ".tmp")
+        save_file(state, tmp, metadata={"format": "pt", "library": "flamingo_vlm"})
+        os.replace(tmp, os.path.join(directory, WEIGHTS_NAME))
+        self.config.save(directory)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        lm: Any = None,
+        vision: Any = None,
+        lm_kwargs: dict[str, Any] | None = None,
+        vision_kwargs: dict[str, Any] | None = None,
+    ) -> "FlamingoModel":
+        """Rebuild from :meth:`save_pretrained`; backbones from the paths in the config unless given."""
+        from ..builder import load_backbones
+
+        config = FlamingoConfig.load(directory)
+        lm_model, encoder = load_backbones(config, lm=lm, vision=vision, lm_kwargs=lm_kwargs, vision_kwargs=vision_kwargs)
+        model = cls(config, lm_model, encoder)
+        model.load_flamingo_state_dict(load_file(os.path.join(directory, WEIGHTS_NAME), device=str(model.device)))
+        model._set_trainable()
+        return model
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL: logits [B, L, V] predict labels shifted by one; -100 is ignored."""
+    shifted = labels[:, 1:]
+    if not bool((shifted != -100).any()):
+        return logits.sum() * 0.0  # nothing to predict: a zero that keeps the graph
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=-100)

@@ -1,0 +1,211 @@
+"""Turn any Hugging Face causal LM into a Flamingo LM, in place and structurally.
+
+- The ModuleList of decoder layers is found by its shape (no per-architecture name table); a dotted
+  path can be given instead.
+- Each decoder layer is wrapped by :class:`FlamingoDecoderLayer`, which runs its gated cross-attention
+  block (if any) first. The media context arrives as the ``flamingo_context`` keyword argument of the
+  LM's forward, which transformers passes on to every decoder layer.
+- New special tokens get small trainable embedding rows (:class:`ExtendedEmbedding`,
+  :class:`ExtendedLMHead`); the LM's own vocabulary stays frozen.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from .context import GenerationMediaContext, MediaContext
+from .xattn import GatedCrossAttentionBlock
+
+CONTEXT_KWARG = "flamingo_context"
+
+
+def _text_config(lm: nn.Module):
+    config = lm.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def find_decoder_layers(lm: nn.Module, attr: str | None = None) -> tuple[str, nn.ModuleList]:
+    """Return (dotted path, ModuleList) of the LM's decoder layers.
+
+    Found structurally: the ModuleList whose length is the config's number of layers and whose
+    elements are all of one class. ``attr`` (e.g. ``"model.layers"``) overrides the search.
+    """
+    if attr is not None:
+        module = lm
+        for part in attr.split("."):
+            if not hasattr(module, part):
+                raise ValueError(f"decoder_layers_attr={attr!r}: {type(module).__name__} has no attribute {part!r}")
+            module = getattr(module, part)
+        if not isinstance(module, nn.ModuleList):
+            raise ValueError(f"decoder_layers_attr={attr!r} names a {type(module).__name__}, not an nn.ModuleList")
+        return attr, module
+
+    num_layers = getattr(_text_config(lm), "num_hidden_layers", None)
+    candidates = [
+        (name, module)
+        for name, module in lm.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and len(module) > 0
+        and len({type(m) for m in module}) == 1
+        and (num_layers is None or len(module) == num_layers)
+    ]
+    # A wrapped LM's layers are FlamingoDecoderLayer already: find them too, so errors are clear.
+    if len(candidates) != 1:
+        found = ", ".join(f"{n} ({len(m)} x {type(m[0]).__name__})" for n, m in candidates) or "none"
+        raise ValueError(
+            f"cannot find the decoder layers of {type(lm).__name__} (config num_hidden_layers={num_layers}); "
+            f"candidate ModuleLists: {found}. Pass decoder_layers_attr='<dotted.path>' "
+            "(e.g. 'model.layers' or 'transformer.h') to name them."
+        )
+    return candidates[0]
+
+
+class FlamingoDecoderLayer(nn.Module):
+    """A frozen LM decoder layer with an optional gated cross-attention block run before it."""
+
+    def __init__(self, decoder_layer: nn.Module, gated_xattn: GatedCrossAttentionBlock | None, block_index: int | None):
+        super().__init__()
+        self.gated_xattn = gated_xattn
+        self.decoder_layer = decoder_layer
+        self.block_index = block_index
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, flamingo_context: MediaContext | None = None, **kwargs: Any):
+        if self.gated_xattn is not None and flamingo_context is not None and flamingo_context.routing is not None:
+            kv = flamingo_context.kv(self.block_index, self.gated_xattn)
+            hidden_states = self.gated_xattn(hidden_states, kv, flamingo_context.routing)
+        return self.decoder_layer(hidden_states, *args, **kwargs)
+
+
+class ExtendedEmbedding(nn.Module):
+    """Frozen base embedding + ``num_new`` trainable rows for ids ``first_new_id ..``.
+
+    input_ids [...] -> [..., d]. Base-vocabulary ids give exactly the base embedding.
+    """
+
+    def __init__(self, base: nn.Embedding, num_new: int, first_new_id: int) -> None:
+        super().__init__()
+        self.base = base
+        self.first_new_id = first_new_id
+        self.new = nn.Embedding(num_new, base.weight.shape[1], dtype=torch.float32, device=base.weight.device)
+        with torch.no_grad():  # start the new rows at the mean of the base vocabulary, a common safe init
+            self.new.weight.copy_(base.weight.float().mean(0, keepdim=True).expand(num_new, -1))
+
+    @property
+    def weight(self) -> torch.Tensor:  # what transformers reads for dtype/device/size
+        return self.base.weight
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.first_new_id + self.new.num_embeddings
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        is_new = input_ids >= self.first_new_id
+        base = self.base(torch.where(is_new, torch.zeros_like(input_ids), input_ids))
+        if not bool(is_new.any()):
+            return base
+        new = self.new((input_ids - self.first_new_id).clamp(min=0)).to(base.dtype)
+        return torch.where(is_new[..., None], new, base)
+
+
+class ExtendedLMHead(nn.Module):
+    """Frozen base LM head + trainable output rows for the new tokens.
+
+    hidden [..., d] -> logits [..., max(V_base, first_new_id + num_new)]; the new tokens' columns are at
+    their ids. ``tied_to`` shares the new rows with the input embedding when the LM ties its embeddings.
+    """
+
+    def __init__(self, base: nn.Module, num_new: int, first_new_id: int, tied_to: nn.Embedding | None = None) -> None:
+        super().__init__()
+        self.base = base
+        self.first_new_id = first_new_id
+        self.num_new = num_new
+        if tied_to is None:
+            d = base.weight.shape[1]
+            self.new_weight = nn.Parameter(torch.zeros(num_new, d, device=base.weight.device))
+            with torch.no_grad():
+                self.new_weight.copy_(base.weight.float().mean(0, keepdim=True).expand(num_new, -1))
+            self.tied_to = None
+        else:
+            self.new_weight = None
+            self.tied_to = [tied_to]  # a list keeps it out of this module's parameters (it is owned elsewhere)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def new_rows(self) -> torch.Tensor:
+        return self.new_weight if self.tied_to is None else self.tied_to[0].weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        base = self.base(hidden)
+        new = (hidden.to(self.new_rows().dtype) @ self.new_rows().T).to(base.dtype)
+        v_base = base.shape[-1]
+        end = self.first_new_id + self.num_new
+        if self.first_new_id == v_base:
+            return torch.cat([base, new], dim=-1)
+        if end > v_base:  # new ids partly beyond the base head: pad, then place the new columns
+            base = torch.cat([base, base.new_full((*base.shape[:-1], end - v_base), float("-inf"))], dim=-1)
+        base = base.clone()
+        base[..., self.first_new_id : end] = new
+        return base
+
+
+def wrap_lm(
+    lm: nn.Module,
+    blocks: dict[int, GatedCrossAttentionBlock],
+    decoder_layers_attr: str | None = None,
+) -> str:
+    """Wrap each decoder layer of ``lm`` in place; ``blocks`` maps layer index -> its gated xattn block.
+
+    Returns the dotted path of the decoder layers.
+    """
+    path, layers = find_decoder_layers(lm, decoder_layers_attr)
+    if any(isinstance(layer, FlamingoDecoderLayer) for layer in layers):
+        raise ValueError("this LM is already a Flamingo LM (its decoder layers are wrapped)")
+    order = {layer_idx: k for k, layer_idx in enumerate(sorted(blocks))}
+    for i in range(len(layers)):
+        layers[i] = FlamingoDecoderLayer(layers[i], blocks.get(i), order.get(i))
+    _install_generation_hook(lm)
+    return path
+
+
+def add_new_token_rows(lm: nn.Module, num_new: int, first_new_id: int) -> None:
+    """Give the LM trainable embedding (and output) rows for ``num_new`` new tokens from ``first_new_id``."""
+    base_in = lm.get_input_embeddings()
+    if first_new_id > base_in.weight.shape[0]:
+        raise ValueError(
+            f"the tokenizer's new tokens start at id {first_new_id} but the LM has only {base_in.weight.shape[0]} "
+            "embedding rows: is this tokenizer the LM's own?"
+        )
+    embed = ExtendedEmbedding(base_in, num_new, first_new_id)
+    lm.set_input_embeddings(embed)
+    base_out = lm.get_output_embeddings()
+    if base_out is None:
+        raise ValueError(f"{type(lm).__name__} has no output embeddings (LM head): is it a causal LM?")
+    tied = bool(getattr(_text_config(lm), "tie_word_embeddings", False)) and base_out.weight is base_in.weight
+    lm.set_output_embeddings(ExtendedLMHead(base_out, num_new, first_new_id, tied_to=embed.new if tied else None))
+
+
+def _install_generation_hook(lm: nn.Module) -> None:
+    """Let ``lm.generate(..., flamingo_context=GenerationMediaContext)`` route media at every step.
+
+    transformers validates generate's extra kwargs against ``prepare_inputs_for_generation``'s signature
+    and forwards the rest to the model: this instance-level override names the kwarg, and turns the
+    per-generation context into the per-step one (phi over the whole sequence so far, sliced to the
+    tokens being run: stateless, so beams, sampling and cache reordering need no bookkeeping).
+    """
+    original = lm.prepare_inputs_for_generation
+
+    def prepare_inputs_for_generation(input_ids, flamingo_context: GenerationMediaContext | None = None, **kwargs):
+        inputs = original(input_ids, **kwargs)
+        if flamingo_context is not None:
+            key = "input_ids" if inputs.get("input_ids") is not None else "inputs_embeds"
+            inputs[CONTEXT_KWARG] = flamingo_context.for_step(input_ids, inputs[key].shape[1])
+        return inputs
+
+    prepare_inputs_for_generation.__signature__ = inspect.signature(prepare_inputs_for_generation)
+    lm.prepare_inputs_for_generation = prepare_inputs_for_generation

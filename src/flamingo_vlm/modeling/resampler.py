@@ -1,0 +1,103 @@
+"""Perceiver Resampler (Flamingo, appendix A.1.1): a variable number of vision features -> a fixed
+number of visual tokens."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .layers import FeedForward
+
+
+class PerceiverAttention(nn.Module):
+    """Latents attend to concat(media features, latents) (keys/values), as in the paper's pseudo-code."""
+
+    def __init__(self, *, dim: int, heads: int, dim_head: int) -> None:
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(
+        self, features: torch.Tensor, latents: torch.Tensor, key_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """features [M, S, d], latents [M, n, d], key_mask [M, S + n] (True = attend) -> [M, n, d]."""
+        features = self.norm_media(features)
+        latents = self.norm_latents(latents)
+        q = self.to_q(latents)
+        k, v = self.to_kv(torch.cat([features, latents], dim=1)).chunk(2, dim=-1)
+        q, k, v = (rearrange(t, "m s (h d) -> m h s d", h=self.heads) for t in (q, k, v))
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.to_out(rearrange(out, "m h n d -> m n (h d)"))
+
+
+class PerceiverResampler(nn.Module):
+    """[M, T, S, d] frame features (+ optional frame mask [M, T]) -> [M, num_latents, d] visual tokens.
+
+    M media (images are videos of one frame), T frames, S features per frame. A learned time embedding
+    is added per frame; videos longer than ``max_num_frames`` use linearly interpolated embeddings
+    (the paper trains on 8 frames and evaluates on 30). No spatial position encodings (they gave no gain).
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        depth: int = 6,
+        num_latents: int = 64,
+        heads: int = 8,
+        dim_head: int = 64,
+        ff_mult: int = 4,
+        max_num_frames: int = 8,
+        activation: str = "squared_relu",
+    ) -> None:
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(num_latents, dim))
+        self.time_embeddings = nn.Parameter(torch.randn(max_num_frames, dim) * 0.02)
+        self.layers = nn.ModuleList(
+            nn.ModuleList(
+                [
+                    PerceiverAttention(dim=dim, heads=heads, dim_head=dim_head),
+                    FeedForward(dim, mult=ff_mult, activation=activation),
+                ]
+            )
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    @property
+    def num_latents(self) -> int:
+        return self.latents.shape[0]
+
+    def time_embedding(self, num_frames: int) -> torch.Tensor:
+        """[num_frames, d]: the learned embeddings, linearly interpolated past the trained length."""
+        emb = self.time_embeddings
+        if num_frames <= emb.shape[0]:
+            return emb[:num_frames]
+        resized = F.interpolate(emb.T[None], size=num_frames, mode="linear", align_corners=True)
+        return resized[0].T
+
+    def forward(self, features: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if features.ndim != 4:
+            raise ValueError(f"resampler expects features [media, frames, positions, dim], got shape {tuple(features.shape)}")
+        m, t, s, _ = features.shape
+        x = features + self.time_embedding(t).to(features.dtype)[None, :, None, :]
+        x = rearrange(x, "m t s d -> m (t s) d")
+        key_mask = None
+        if frame_mask is not None:
+            if frame_mask.shape != (m, t):
+                raise ValueError(f"frame_mask must have shape {(m, t)}, got {tuple(frame_mask.shape)}")
+            media_mask = frame_mask.bool().repeat_interleave(s, dim=1)  # [M, T*S]
+            key_mask = torch.cat([media_mask, media_mask.new_ones(m, self.num_latents)], dim=1)
+        latents = self.latents.to(x.dtype).expand(m, -1, -1)
+        for attn, ff in self.layers:
+            latents = latents + attn(x, latents, key_mask)
+            latents = latents + ff(latents)
+        return self.norm(latents)

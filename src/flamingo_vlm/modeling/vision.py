@@ -1,0 +1,245 @@
+"""Vision adapters: a frozen encoder that turns images [N, C, H, W] into features [N, S, d], and the
+image transform (resize, crop, normalise) that the encoder expects.
+
+Registry: ``clip`` and ``siglip`` (Hugging Face transformers), ``open_clip`` and ``timm`` (optional
+extras: ``pip install flamingo-vlm[open_clip]`` / ``[timm]``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_TRANSFORM_NAME = "image_transform.json"
+
+
+@dataclass
+class ImageTransform:
+    """PIL image (or path, bytes, HxWxC uint8 array) -> float tensor [3, size, size].
+
+    Shortest side resized to ``size`` (bicubic), centre crop, scale to [0, 1], normalise per channel.
+    """
+
+    size: int = 224
+    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    std: tuple[float, float, float] = OPENAI_CLIP_STD
+
+    def __call__(self, image) -> torch.Tensor:
+        from PIL import Image
+
+        image = load_image(image)
+        image = image.convert("RGB")
+        w, h = image.size
+        scale = self.size / min(w, h)
+        image = image.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))), Image.BICUBIC)
+        w, h = image.size
+        left, top = (w - self.size) // 2, (h - self.size) // 2
+        image = image.crop((left, top, left + self.size, top + self.size))
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (x - mean) / std
+
+    def save(self, directory: str | os.PathLike) -> None:
+        with open(os.path.join(directory, IMAGE_TRANSFORM_NAME), "w") as f:
+            json.dump(asdict(self), f, indent=2)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "ImageTransform":
+        with open(os.path.join(directory, IMAGE_TRANSFORM_NAME)) as f:
+            data = json.load(f)
+        return cls(size=data["size"], mean=tuple(data["mean"]), std=tuple(data["std"]))
+
+    @classmethod
+    def from_preprocessor_config(cls, path: str | os.PathLike, default_size: int, default_mean, default_std) -> "ImageTransform":
+        """Read size/mean/std from a Hugging Face ``preprocessor_config.json`` when the directory has one."""
+        file = Path(path) / "preprocessor_config.json"
+        if not file.is_file():
+            return cls(size=default_size, mean=tuple(default_mean), std=tuple(default_std))
+        data = json.loads(file.read_text())
+        size = data.get("crop_size") or data.get("size") or default_size
+        if isinstance(size, dict):
+            size = size.get("height") or size.get("shortest_edge") or default_size
+        return cls(size=int(size), mean=tuple(data.get("image_mean", default_mean)), std=tuple(data.get("image_std", default_std)))
+
+
+def load_image(image):
+    """A PIL image from a PIL image, a path, raw bytes or an HxWxC uint8 array; ValueError if it cannot decode."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[-1] not in (1, 3, 4) or image.dtype != np.uint8:
+            raise ValueError(f"an image array must be H x W x C uint8, got shape {image.shape} dtype {image.dtype}")
+        return Image.fromarray(image if image.shape[-1] != 1 else image[..., 0])
+    source = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image
+    if not isinstance(source, (io.BytesIO, str, os.PathLike)):
+        raise ValueError(f"cannot read an image from a {type(image).__name__}")
+    try:
+        img = Image.open(source)
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        name = "image bytes" if isinstance(source, io.BytesIO) else f"image file {source!s}"
+        raise ValueError(f"failed to decode {name}: {e}") from e
+    return img
+
+
+class VisionEncoder(nn.Module):
+    """Frozen image encoder: pixel_values [N, C, H, W] -> features [N, S, hidden_size]."""
+
+    hidden_size: int
+    image_transform: ImageTransform
+    name_or_path: str | None = None
+    vision_type: str = ""
+
+
+class HFVisionEncoder(VisionEncoder):
+    """A transformers ``CLIPVisionModel`` / ``SiglipVisionModel``; patch tokens of one hidden layer.
+
+    CLIP's CLS token is dropped (the paper flattens the feature map; OpenFlamingo uses patch tokens too).
+    """
+
+    def __init__(self, model: nn.Module, image_transform: ImageTransform, *, feature_layer: int = -1, vision_type: str = "clip", name_or_path: str | None = None):
+        super().__init__()
+        self.model = model
+        self.image_transform = image_transform
+        self.feature_layer = feature_layer
+        self.hidden_size = model.config.hidden_size
+        self.vision_type = vision_type
+        self.name_or_path = name_or_path
+        self.drop_cls = vision_type == "clip"
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        want_hidden = self.feature_layer != -1
+        out = self.model(pixel_values=pixel_values, output_hidden_states=want_hidden)
+        features = out.hidden_states[self.feature_layer] if want_hidden else out.last_hidden_state
+        return features[:, 1:] if self.drop_cls else features
+
+
+class OpenClipVisionEncoder(VisionEncoder):
+    """The visual tower of an open_clip model: its patch tokens (``output_tokens=True``)."""
+
+    def __init__(self, visual: nn.Module, image_transform: ImageTransform, name_or_path: str | None = None):
+        super().__init__()
+        self.visual = visual
+        self.visual.output_tokens = True
+        self.image_transform = image_transform
+        self.hidden_size = visual.transformer.width if hasattr(visual, "transformer") else visual.output_dim
+        self.vision_type = "open_clip"
+        self.name_or_path = name_or_path
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        _, tokens = self.visual(pixel_values)
+        return tokens
+
+
+class TimmVisionEncoder(VisionEncoder):
+    """A timm model's ``forward_features`` output, prefix (class/register) tokens dropped."""
+
+    def __init__(self, model: nn.Module, image_transform: ImageTransform, name_or_path: str | None = None):
+        super().__init__()
+        self.model = model
+        self.image_transform = image_transform
+        self.hidden_size = model.num_features
+        self.num_prefix_tokens = getattr(model, "num_prefix_tokens", 0)
+        self.vision_type = "timm"
+        self.name_or_path = name_or_path
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        features = self.model.forward_features(pixel_values)
+        if features.ndim == 4:  # convolutional feature map [N, d, h, w]
+            return features.flatten(2).transpose(1, 2)
+        return features[:, self.num_prefix_tokens :]
+
+
+def _load_hf(name_or_path, vision_type: str, feature_layer: int, **kwargs) -> VisionEncoder:
+    import transformers
+
+    if vision_type == "clip":
+        model_cls, mean, std = transformers.CLIPVisionModel, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    else:
+        model_cls, mean, std = transformers.SiglipVisionModel, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    if isinstance(name_or_path, nn.Module):
+        model, path = name_or_path, getattr(name_or_path, "name_or_path", None)
+        model = getattr(model, "vision_model", model) if not isinstance(model, model_cls) else model
+    else:
+        model, path = model_cls.from_pretrained(name_or_path, **kwargs), str(name_or_path)
+    config = model.config
+    if hasattr(config, "vision_config"):
+        config = config.vision_config
+    transform = ImageTransform.from_preprocessor_config(path, config.image_size, mean, std) if path else ImageTransform(config.image_size, mean, std)
+    return HFVisionEncoder(model, transform, feature_layer=feature_layer, vision_type=vision_type, name_or_path=path)
+
+
+def _load_open_clip(name_or_path, vision_type: str, feature_layer: int, pretrained: str | None = None, **kwargs) -> VisionEncoder:
+    try:
+        import open_clip
+    except ImportError as e:
+        raise ImportError("the open_clip vision encoder needs `pip install flamingo-vlm[open_clip]`") from e
+    model, _, preprocess = open_clip.create_model_and_transforms(name_or_path, pretrained=pretrained, **kwargs)
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    mean = getattr(model.visual, "image_mean", None) or OPENAI_CLIP_MEAN
+    std = getattr(model.visual, "image_std", None) or OPENAI_CLIP_STD
+    return OpenClipVisionEncoder(model.visual, ImageTransform(int(size), tuple(mean), tuple(std)), name_or_path=str(name_or_path))
+
+
+def _load_timm(name_or_path, vision_type: str, feature_layer: int, pretrained: bool = True, **kwargs) -> VisionEncoder:
+    try:
+        import timm
+    except ImportError as e:
+        raise ImportError("the timm vision encoder needs `pip install flamingo-vlm[timm]`") from e
+    model = timm.create_model(name_or_path, pretrained=pretrained, num_classes=0, **kwargs)
+    cfg = timm.data.resolve_data_config({}, model=model)
+    transform = ImageTransform(int(cfg["input_size"][-1]), tuple(cfg["mean"]), tuple(cfg["std"]))
+    return TimmVisionEncoder(model, transform, name_or_path=str(name_or_path))
+
+
+VISION_LOADERS: dict[str, Callable[..., VisionEncoder]] = {
+    "clip": _load_hf,
+    "siglip": _load_hf,
+    "open_clip": _load_open_clip,
+    "timm": _load_timm,
+}
+
+
+def guess_vision_type(name_or_path) -> str:
+    """'clip' or 'siglip' from a transformers model object or a directory's config.json."""
+    model_type = None
+    if isinstance(name_or_path, nn.Module):
+        model_type = getattr(getattr(name_or_path, "config", None), "model_type", None)
+    elif (Path(str(name_or_path)) / "config.json").is_file():
+        model_type = json.loads((Path(str(name_or_path)) / "config.json").read_text()).get("model_type")
+    if model_type and "siglip" in model_type:
+        return "siglip"
+    if model_type and "clip" in model_type:
+        return "clip"
+    raise ValueError(
+        f"cannot tell the vision encoder type of {name_or_path!r} (model_type={model_type!r}); "
+        f"pass vision_type= one of {sorted(VISION_LOADERS)}"
+    )
+
+
+def load_vision_encoder(name_or_path, vision_type: str | None = None, *, feature_layer: int = -1, **kwargs) -> VisionEncoder:
+    """Build a frozen VisionEncoder from a model object, a local path or a hub name."""
+    if isinstance(name_or_path, VisionEncoder):
+        encoder = name_or_path
+    else:
+        vision_type = vision_type or guess_vision_type(name_or_path)
+        if vision_type not in VISION_LOADERS:
+            raise ValueError(f"unknown vision_type {vision_type!r}: expected one of {sorted(VISION_LOADERS)}")
+        encoder = VISION_LOADERS[vision_type](name_or_path, vision_type, feature_layer, **kwargs)
+    encoder.requires_grad_(False)
+    encoder.eval()
+    return encoder
