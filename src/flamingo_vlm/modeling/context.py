@@ -54,7 +54,6 @@ class GenerationMediaContext(MediaContext):
             media_token_id=self.media_token_id,
             media_offsets=self.media_offsets.repeat_interleave(expand),
             media_counts=self.media_counts.repeat_interleave(expand),
-            num_media=self.visual_tokens.shape[0],
             mode=self.mode,
             eos_token_id=self.eos_token_id,
             last_positions=num_new,

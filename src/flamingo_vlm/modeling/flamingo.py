@@ -266,10 +266,14 @@ class FlamingoModel(nn.Module):
                 input_ids,
                 media_offsets=counts.cumsum(0) - counts,
                 media_counts=counts,
-                num_media=visual.shape[0],
                 **self._routing_args(),
             )
             context = MediaContext(visual_tokens=visual, routing=routing)
+        if attention_mask is not None and "position_ids" not in lm_kwargs and bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
+            # left padding: as transformers' generate does, positions count real tokens only, so a padded
+            # prompt gets the positions it would have unpadded (matters for absolute position embeddings)
+            position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+            lm_kwargs["position_ids"] = position_ids[:, -input_ids.shape[1] :]
         out = self.lm(
             input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=use_cache, flamingo_context=context, **lm_kwargs
         )

@@ -37,9 +37,10 @@ def media_index(
 class LastMediaRouting:
     """Each token attends to the visual tokens of one medium only (phi), at a cost flat in the number of media.
 
-    Tokens are grouped by their medium into ``R`` rows of at most ``P`` tokens each (a long group is split
-    into several rows that share the medium), so attention is one SDPA call on ``[R, H, P, D]`` queries
-    against ``[R, H, n, D]`` keys, with ``R * P <= 2 * tokens + groups``: no dense mask over every image.
+    Tokens are grouped into runs that see one medium, laid out as ``R`` rows of at most ``P`` tokens each
+    (a long run is split into several rows that share the medium), so attention is one SDPA call on
+    ``[R, H, P, D]`` queries against ``[R, H, n, D]`` keys, with ``R * P <= 2 * tokens + runs``: no dense
+    mask over every image.
     """
 
     shape: tuple[int, int]  # (B, L) of the tokens being routed
@@ -50,18 +51,26 @@ class LastMediaRouting:
     row_length: int  # P
 
     @classmethod
-    def build(cls, media: torch.Tensor, num_media: int) -> "LastMediaRouting":
-        """media [B, L]: global medium index per token, -1 for none."""
+    def build(cls, media: torch.Tensor) -> "LastMediaRouting":
+        """media [B, L]: global medium index per token, -1 for none.
+
+        Groups are runs of consecutive tokens of one row that see one medium. Runs, not media: rows may
+        share media (beams of one prompt), and a run is contiguous whatever the order of the media.
+        """
         flat = media.reshape(-1)
         token_index = (flat >= 0).nonzero().squeeze(1)
-        g = flat[token_index]  # non-decreasing: rows are in order and phi only grows within a row
-        counts = torch.bincount(g, minlength=num_media)
-        groups = int((counts > 0).sum())
-        row_length = max(1, math.ceil(len(g) / max(groups, 1)))
-        rank = torch.arange(len(g), device=flat.device) - (counts.cumsum(0) - counts)[g]
+        g = flat[token_index]
+        row_of = token_index // media.shape[1]
+        starts = torch.ones_like(g, dtype=torch.bool)
+        starts[1:] = (g[1:] != g[:-1]) | (row_of[1:] != row_of[:-1])
+        group = starts.long().cumsum(0) - 1  # [T] run id of each routed token
+        group_media = g[starts]  # [G]
+        counts = torch.bincount(group, minlength=len(group_media))
+        row_length = max(1, math.ceil(len(g) / max(len(group_media), 1)))
+        rank = torch.arange(len(g), device=flat.device) - (counts.cumsum(0) - counts)[group]
         pieces = (counts + row_length - 1) // row_length
-        row = (pieces.cumsum(0) - pieces)[g] + rank // row_length
-        row_media = torch.repeat_interleave(torch.arange(num_media, device=flat.device), pieces)
+        row = (pieces.cumsum(0) - pieces)[group] + rank // row_length
+        row_media = torch.repeat_interleave(group_media, pieces)
         return cls(tuple(media.shape), token_index, row, rank % row_length, row_media, row_length)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -124,7 +133,6 @@ def build_routing(
     media_token_id: int,
     media_offsets: torch.Tensor,
     media_counts: torch.Tensor,
-    num_media: int,
     mode: str = "last",
     eos_token_id: int | None = None,
     last_positions: int | None = None,
@@ -135,7 +143,7 @@ def build_routing(
         last, first = last[:, -last_positions:], first[:, -last_positions:]
     if mode == "last":
         global_index = torch.where(last >= 0, last + media_offsets[:, None], last)
-        return LastMediaRouting.build(global_index, num_media)
+        return LastMediaRouting.build(global_index)
     if mode == "all":
         return AllMediaRouting.build(last, first, media_offsets, media_counts)
     raise ValueError(f"unknown media attention mode {mode!r}: expected 'last' or 'all'")

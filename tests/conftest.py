@@ -1,0 +1,8 @@
+import pytest
+
+from helpers import build
+
+
+@pytest.fixture
+def llama():
+    return build("llama")

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random-init backbones built in the test (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from flamingo_vlm import build_flamingo
+from flamingo_vlm.tiny import TINY_LM_CONFIGS, make_tiny_clip, make_tiny_lm, make_tokenizer
+
+LM_TYPES = sorted(TINY_LM_CONFIGS)
+
+# A small bridge so the whole suite stays fast on 2 CPU cores.
+SMALL_BRIDGE = dict(
+    resampler_depth=2, resampler_num_latents=8, resampler_heads=2, resampler_dim_head=16,
+    xattn_heads=2, xattn_dim_head=16, xattn_ff_mult=2, resampler_ff_mult=2,
+)
+
+
+def build(lm_type: str = "llama", *, seed: int = 0, lm_vocab: int | None = None, **overrides):
+    """(model, processor, tokenizer) with a tiny LM of ``lm_type`` and a tiny CLIP encoder."""
+    tokenizer = make_tokenizer()
+    torch.manual_seed(seed)
+    lm = make_tiny_lm(lm_type, vocab_size=lm_vocab or len(tokenizer), seed=seed)
+    torch.manual_seed(seed + 1)
+    model, processor = build_flamingo(lm, make_tiny_clip(seed=seed), tokenizer, **{**SMALL_BRIDGE, **overrides})
+    return model, processor
+
+
+def open_gates(model, value: float = 1.0) -> None:
+    """Set every tanh gate's alpha so the visual pathway really contributes (tests of media effects)."""
+    with torch.no_grad():
+        for block in model.xattn_blocks:
+            block.attn_gate.fill_(value)
+            block.ff_gate.fill_(value)
+
+
+def image(color, size=(40, 36)) -> Image.Image:
+    img = Image.new("RGB", size, color)
+    img.putpixel((3, 5), (color[2], color[0], color[1]))
+    return img
+
+
+RED, GREEN, BLUE, WHITE = (220, 20, 30), (10, 200, 40), (20, 30, 210), (250, 250, 250)
+

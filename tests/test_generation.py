@@ -1,0 +1,111 @@
+"""Cached generation (LM KV cache + media keys/values computed once) equals full recomputation."""
+
+import pytest
+import torch
+
+from helpers import BLUE, GREEN, RED, WHITE, build, image, open_gates
+
+MAX_NEW = 6
+
+
+def _prompts(processor):
+    return processor(
+        [
+            [image(RED), "Output: a red circle.<|endofchunk|>", image(BLUE), "Output:"],
+            ["the dog", image(GREEN), "Question: what colour? Answer:"],
+        ],
+        padding_side="left",
+    )
+
+
+def _greedy_by_recomputation(model, batch, steps):
+    """Greedy decoding that re-runs the whole sequence through model.forward at every step (no caches)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    c = model.config
+    all_logits = []
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(ids, mask, pixel_values=batch["pixel_values"]).logits[:, -1]
+        all_logits.append(logits)
+        scores = logits.clone()
+        scores[:, [c.media_token_id, c.end_of_chunk_token_id, c.eos_token_id]] = -float("inf")  # suppressed / min length
+        nxt = scores.argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], dim=1)
+        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+    return ids, torch.stack(all_logits, dim=1)
+
+
+@pytest.mark.parametrize("lm_type", ["llama", "gpt2", "gpt_neox", "opt", "qwen2", "mistral"])
+def test_greedy_cached_equals_recomputation(lm_type):
+    model, processor = build(lm_type)
+    open_gates(model, 0.7)
+    batch = _prompts(processor)
+    out = model.generate(
+        **batch, max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW, do_sample=False,
+        return_dict_in_generate=True, output_logits=True,
+    )
+    ref_ids, ref_logits = _greedy_by_recomputation(model, batch, MAX_NEW)
+    assert torch.equal(out.sequences, ref_ids)
+    torch.testing.assert_close(torch.stack(out.logits, dim=1), ref_logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lm_type", ["llama", "gpt2"])
+def test_beam_search_cached_equals_uncached(lm_type):
+    model, processor = build(lm_type)
+    open_gates(model, 0.7)
+    batch = _prompts(processor)
+    kw = dict(max_new_tokens=MAX_NEW, num_beams=3, num_return_sequences=2, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    cached = model.generate(**batch, **kw)
+    recomputed = model.generate(**batch, use_cache=False, cache_media_kv=False, **kw)
+    assert torch.equal(cached.sequences, recomputed.sequences)
+    torch.testing.assert_close(cached.sequences_scores, recomputed.sequences_scores, atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_cached_equals_uncached():
+    model, processor = build("llama")
+    open_gates(model, 0.7)
+    batch = _prompts(processor)
+    torch.manual_seed(3)
+    a = model.generate(**batch, max_new_tokens=MAX_NEW, do_sample=True, top_k=20)
+    torch.manual_seed(3)
+    b = model.generate(**batch, max_new_tokens=MAX_NEW, do_sample=True, top_k=20, use_cache=False, cache_media_kv=False)
+    assert torch.equal(a, b)
+
+
+def test_media_matter_in_generation():
+    model, processor = build("llama")
+    open_gates(model, 1.0)
+    a = processor([image(RED), "Output:"])
+    b = processor([image(WHITE), "Output:"])
+    kw = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    la = model.generate(**a, **kw).logits[0]
+    lb = model.generate(**b, **kw).logits[0]
+    assert not torch.allclose(la, lb)
+
+
+def test_vision_encoder_runs_once_per_image_not_per_beam():
+    model, processor = build("llama")
+    batch = _prompts(processor)
+    seen = []
+    handle = model.vision_encoder.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    model.generate(**batch, max_new_tokens=4, num_beams=3)
+    handle.remove()
+    assert seen == [3]  # three images in the two prompts, one encoder call, whatever the beams and steps
+
+
+def test_generation_stops_at_end_of_chunk():
+    model, processor = build("gpt2")
+    eoc = model.config.end_of_chunk_token_id
+
+    def prefer_eoc_after_two(module, inputs, logits):  # <|endofchunk|> becomes the best 3rd token
+        if logits.shape[1] == 1 and getattr(prefer_eoc_after_two, "steps", 0) >= 1:
+            logits[..., eoc] += 1e4
+        prefer_eoc_after_two.steps = getattr(prefer_eoc_after_two, "steps", -1) + 1
+        return logits
+
+    handle = model.lm.get_output_embeddings().register_forward_hook(prefer_eoc_after_two)
+    batch = processor([image(RED), "Output:"])
+    out = model.generate(**batch, max_new_tokens=10, do_sample=False)
+    handle.remove()
+    new = out[0, batch["input_ids"].shape[1]:].tolist()
+    assert len(new) == 3 and new[-1] == eoc and eoc not in new[:-1]
