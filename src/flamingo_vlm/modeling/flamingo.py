@@ -112,9 +112,9 @@ class FlamingoModel(nn.Module):
 
     def flamingo_state_dict(self) -> dict[str, torch.Tensor]:
         """The trained weights under layout-independent names: resampler.*, xattn.{k}.*, new_token_*."""
-        state = {f"resampler.{k}": v for k, v in self.resampler.state_dict().items()}
+        state = {f"resampler.{k}": v for k, v in self.resampler.state_dict(keep_vars=True).items()}
         for k, block in enumerate(self.xattn_blocks):
-            state.update({f"xattn.{k}.{name}": v for name, v in block.state_dict().items()})
+            state.update({f"xattn.{k}.{name}": v for name, v in block.state_dict(keep_vars=True).items()})
         embed, head = self.lm.get_input_embeddings(), self.lm.get_output_embeddings()
         if isinstance(embed, ExtendedEmbedding):
             state["new_token_embeddings.weight"] = embed.new.weight

@@ -1,0 +1,83 @@
+"""The ``flamingo`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+MEDIA_PLACEHOLDER = re.compile(r"<image:([^>]+)>")
+
+
+def _parse_prompt(prompt: str) -> list:
+    """'Two cats <image:cats.jpg> Output:' -> ['Two cats ', Path('cats.jpg'), ' Output:']."""
+    from pathlib import Path
+
+    items, pos = [], 0
+    for m in MEDIA_PLACEHOLDER.finditer(prompt):
+        if m.start() > pos:
+            items.append(prompt[pos : m.start()])
+        items.append(Path(m.group(1)))
+        pos = m.end()
+    if pos < len(prompt):
+        items.append(prompt[pos:])
+    return items
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import load_flamingo
+
+    model, processor = load_flamingo(args.model)
+    if args.device:
+        model.to(args.device)
+    batch = processor(_parse_prompt(args.prompt)).to(model.device)
+    with torch.inference_mode():
+        out = model.generate(
+            **batch, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.temperature > 0,
+            **({"temperature": args.temperature} if args.temperature > 0 else {}),
+        )
+    print(processor.decode(out[0, batch["input_ids"].shape[1] :]).strip())
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from . import FlamingoConfig
+
+    config = FlamingoConfig.load(args.model)
+    print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flamingo", description="Flamingo visual language models on any Hugging Face LM.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text for an interleaved prompt")
+    gen.add_argument("--model", required=True, help="a directory written by FlamingoModel.save_pretrained")
+    gen.add_argument("--prompt", required=True, help="text with images as <image:path>, e.g. '<image:cat.jpg>Output:'")
+    gen.add_argument("--max-new-tokens", type=int, default=20)
+    gen.add_argument("--num-beams", type=int, default=3)
+    gen.add_argument("--temperature", type=float, default=0.0, help="> 0 samples instead of beam search")
+    gen.add_argument("--device", default=None)
+    gen.set_defaults(func=cmd_generate)
+
+    info = sub.add_parser("info", help="print a saved model's configuration")
+    info.add_argument("model")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"flamingo {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""save_pretrained / from_pretrained: only trained weights, exact round trip, clear errors."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flamingo_vlm import FlamingoModel, build_flamingo, load_flamingo
+from flamingo_vlm.tiny import create_tiny_backbones
+
+from helpers import BLUE, RED, SMALL_BRIDGE, image
+
+
+@pytest.fixture(scope="module")
+def backbones(tmp_path_factory):
+    return create_tiny_backbones(tmp_path_factory.mktemp("backbones"))
+
+
+def _perturb(model):
+    """Make every trained weight differ from its initial value, so the round trip is not trivially true."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, p in model.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+
+
+def _batch(processor):
+    return processor(
+        [[image(RED), "Output: a red circle.<|endofchunk|>", image(BLUE), "Output:"], ["two cats", image(BLUE), "Output:"]]
+    )
+
+
+def test_round_trip_reproduces_logits_exactly(backbones, tmp_path):
+    lm_path, vision_path = backbones
+    model, processor = build_flamingo(lm_path, vision_path, **SMALL_BRIDGE)
+    _perturb(model)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    batch = _batch(processor)
+    with torch.no_grad():
+        before = model(**batch).logits
+
+    loaded, loaded_processor = load_flamingo(tmp_path)
+    batch2 = _batch(loaded_processor)
+    assert torch.equal(batch["input_ids"], batch2["input_ids"])
+    assert torch.equal(batch["pixel_values"], batch2["pixel_values"])
+    with torch.no_grad():
+        after = loaded(**batch2).logits
+    assert torch.equal(before, after)
+    assert {n for n, _ in loaded.trainable_parameters()} == {n for n, _ in model.trainable_parameters()}
+    assert all(p.requires_grad for _, p in loaded.trainable_parameters())
+
+
+def test_only_trained_weights_are_saved(backbones, tmp_path):
+    lm_path, vision_path = backbones
+    model, _ = build_flamingo(lm_path, vision_path, **SMALL_BRIDGE)
+    model.save_pretrained(tmp_path)
+    state = load_file(os.path.join(tmp_path, "model.safetensors"))
+    assert all(k.split(".")[0] in {"resampler", "xattn", "new_token_embeddings", "new_token_lm_head"} for k in state)
+    trainable = dict(model.trainable_parameters())
+    params = {k: v for k, v in state.items() if k in trainable}
+    assert sum(v.numel() for v in params.values()) == sum(p.numel() for p in trainable.values())
+    # besides parameters only the resampler's/blocks' buffers could be there; the LM's weights never are
+    lm_numel = sum(p.numel() for p in model.lm.parameters() if not p.requires_grad)
+    assert sum(v.numel() for v in state.values()) < lm_numel
+    config = json.loads(open(os.path.join(tmp_path, "flamingo_config.json")).read())
+    assert config["lm_name_or_path"] == lm_path and config["vision_name_or_path"] == vision_path
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_loading_onto_the_wrong_backbone_names_the_mismatch(backbones, tmp_path):
+    lm_path, vision_path = backbones
+    model, _ = build_flamingo(lm_path, vision_path, **SMALL_BRIDGE)
+    model.save_pretrained(tmp_path)
+    other_lm = create_tiny_backbones(tmp_path / "other", lm_type="gpt2")[0]
+    from transformers import AutoModelForCausalLM
+
+    wrong = AutoModelForCausalLM.from_pretrained(other_lm, n_layer=3)  # 3 layers: one xattn block too many
+    with pytest.raises(ValueError, match="unexpected keys|missing keys"):
+        FlamingoModel.from_pretrained(tmp_path, lm=wrong)
+
+
+def test_from_pretrained_without_a_save_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="flamingo_config.json"):
+        FlamingoModel.from_pretrained(tmp_path)
