@@ -1,0 +1,140 @@
+"""``flamingo eval CONFIG``: few-shot evaluation from a YAML config (see docs/evaluation.md).
+
+    model: runs/flamingo            # a save_pretrained directory, loaded with flamingo_vlm.load_flamingo
+    data_root: /data                # relative task paths resolve here (default: the config's folder)
+    shots: [0, 4, 8]
+    seeds: [0, 1, 2]
+    selection: random               # or rices
+    out: results/eval.json
+    tasks:
+      - type: coco_captioning
+        karpathy_json: coco/dataset_coco.json
+        image_dir: coco
+
+Any key can be overridden by a flag (``--limit 20 --shots 0,4 --out x.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+PATH_KEY_SUFFIXES = ("json", "jsonl", "_dir", "_file", "_root", "folder")
+DEFAULTS: dict[str, Any] = {
+    "shots": [0, 4, 8], "seeds": [0], "selection": "random", "batch_size": 8, "limit": None, "ensemble": 1,
+    "resume": True, "progress": True, "device": None, "rices_cache_dir": None, "max_rows": 64,
+}
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``eval`` command to a ``flamingo`` argparse subparsers object."""
+    p = subparsers.add_parser("eval", help="few-shot evaluation on standard benchmarks from a YAML config")
+    p.add_argument("config", help="YAML file: model, tasks, shots, seeds, ... (see docs/evaluation.md)")
+    p.add_argument("--model", default=None, help="saved Flamingo directory (overrides the config's `model`)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N queries of each task")
+    p.add_argument("--shots", type=_int_list, default=None, help="e.g. 0,4,8")
+    p.add_argument("--seeds", type=_int_list, default=None, help="e.g. 0,1,2 (random shot selection)")
+    p.add_argument("--selection", choices=["random", "rices"], default=None)
+    p.add_argument("--tasks", default=None, help="comma-separated task names: run only these")
+    p.add_argument("--out", default=None, help="results JSON (a .txt table is written beside it)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--ensemble", type=int, default=None, help="rank tasks: average over this many shot orders")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--no-resume", dest="resume", action="store_false", default=None, help="recompute runs already in --out")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.set_defaults(func=run_eval_cli)
+    return p
+
+
+def _resolve(value: Any, base: Path) -> Any:
+    if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+        return str(base / value)
+    return str(Path(value).expanduser()) if isinstance(value, str) else value
+
+
+def resolve_task_paths(spec: dict, base: Path) -> dict:
+    """Relative paths in a task config (keys ending in json, jsonl, _dir, _file, _root, folder; a class_names
+    file) are taken relative to ``base``."""
+    out = dict(spec)
+    for key, value in spec.items():
+        if key.endswith(PATH_KEY_SUFFIXES) or (key == "class_names" and isinstance(value, str)):
+            out[key] = _resolve(value, base)
+    return out
+
+
+def load_eval_config(path: str | Path, overrides: dict[str, Any] | None = None) -> dict:
+    """The YAML config with defaults filled in, flag overrides applied and paths resolved."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"eval config not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: the config must be a mapping of keys (model, tasks, shots, ...)")
+    config = {**DEFAULTS, **raw}
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    here = path.resolve().parent
+    if "model" in raw and "model" not in overrides:
+        config["model"] = _resolve(raw["model"], here)
+    for key in ("out", "rices_cache_dir"):
+        if raw.get(key) and key not in overrides:
+            config[key] = _resolve(raw[key], here)
+    config.update(overrides)
+    if not config.get("model"):
+        raise ValueError(f"{path}: no `model` (a saved Flamingo directory) in the config or --model")
+    if not config.get("tasks"):
+        raise ValueError(f"{path}: no `tasks` in the config")
+    data_root = Path(_resolve(raw["data_root"], here)) if raw.get("data_root") else here
+    config["tasks"] = [resolve_task_paths(spec, data_root) for spec in config["tasks"]]
+    config.setdefault("out", str(Path(f"{path.stem}-results.json")))
+    return config
+
+
+def run_eval_cli(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import load_flamingo
+    from .runner import evaluate, format_results_table
+    from .task import build_task
+
+    overrides = {
+        "model": args.model, "limit": args.limit, "shots": args.shots, "seeds": args.seeds, "selection": args.selection,
+        "out": args.out, "batch_size": args.batch_size, "ensemble": args.ensemble, "device": args.device,
+        "resume": args.resume, "progress": args.progress,
+    }
+    config = load_eval_config(args.config, overrides)
+    specs = config["tasks"]
+    if args.tasks:
+        wanted = [t for t in args.tasks.split(",") if t]
+        tasks = [build_task(spec) for spec in specs]
+        unknown = sorted(set(wanted) - {t.name for t in tasks})
+        if unknown:
+            raise ValueError(f"--tasks names {unknown} not in the config (tasks: {[t.name for t in tasks]})")
+        tasks = [t for t in tasks if t.name in wanted]
+    else:
+        tasks = [build_task(spec) for spec in specs]
+
+    model, processor = load_flamingo(config["model"])
+    device = config["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    results = evaluate(
+        model, processor, tasks, shots=config["shots"], seeds=config["seeds"], selection=config["selection"],
+        batch_size=config["batch_size"], limit=config["limit"], results_path=config["out"], resume=config["resume"],
+        progress=config["progress"], ensemble=config["ensemble"], max_rows=config["max_rows"],
+        rices_cache_dir=config["rices_cache_dir"], model_name=str(config["model"]),
+        config={k: v for k, v in config.items() if k not in ("resume", "progress")},
+    )
+    table = format_results_table(results)
+    Path(config["out"]).with_suffix(".txt").write_text(table + "\n")
+    print(table)
+    print(f"results: {config['out']}")
+    return 0

@@ -1,0 +1,296 @@
+"""The few-shot evaluation loop: for each task, number of shots and seed, build every prompt, answer it
+(beam search or candidate ranking), score, and record the run in a resumable results JSON.
+
+Per query, in this order: choose shots (random from the support set, RICES, or for 0 shots the paper's
+two text-only examples), call ``task.episode`` (it may rewrite the examples), format the prompt
+(shots then query), answer, and score against the (rewritten) query.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .generation import generate_texts
+from .media import MediaEncoder
+from .prompts import build_prompt
+from .scoring import candidate_log_likelihoods, rank_scores
+from .shots import RICES, sample_random_shots, shot_permutations
+from .task import Example, Prediction, Task
+
+RESULTS_VERSION = 1
+MAX_SCORES_KEPT = 10  # candidate scores written per example (rank tasks); more: the best 5
+
+
+def _run_key(run: dict) -> tuple:
+    return run["task"], run["shots"], run["seed"], run["selection"]
+
+
+def _write_json(path: str | os.PathLike, data: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)  # atomic: an interrupted run never leaves a broken results file
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        return str(value)
+
+
+def _reference(task: Task, query: Example) -> Any:
+    try:
+        return _jsonable(task.reference(query))
+    except (KeyError, NotImplementedError):  # a custom task without a single reference answer
+        return None
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Mean and (population) standard deviation over seeds of every metric, per (task, shots, selection)."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["task"], run["shots"], run["selection"]), []).append(run)
+    summary = []
+    for (task, shots, selection), group in groups.items():
+        group = sorted(group, key=lambda r: r["seed"])
+        metrics = {}
+        for name in group[0]["scores"]:
+            values = [r["scores"].get(name) for r in group]
+            values = [v for v in values if v is not None and math.isfinite(v)]
+            mean = sum(values) / len(values) if values else None  # None: undefined in every run
+            std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)) if values else None
+            metrics[name] = {"mean": mean, "std": std, "values": values}
+        main = group[0]["metric"]
+        summary.append({
+            "task": task, "shots": shots, "selection": selection, "metric": main,
+            "mean": metrics[main]["mean"] if main in metrics else None, "std": metrics[main]["std"] if main in metrics else None,
+            "seeds": [r["seed"] for r in group], "metrics": metrics,
+            "zero_shot_text_examples": any(r.get("zero_shot_text_examples") for r in group),
+            "num_examples": group[0]["num_examples"],
+        })
+    return summary
+
+
+def format_results_table(results: dict) -> str:
+    """A plain-text table: one row per (task, metric), one column per number of shots, "mean ± std (seeds)"."""
+    summary = results.get("summary") or summarize(results.get("runs", []))
+    if not summary:
+        return "(no results)"
+    shots = sorted({s["shots"] for s in summary})
+    rows: dict[tuple, dict[int, str]] = {}
+    marked = False
+    for s in summary:
+        for name, m in s["metrics"].items():
+            cell = f"{m['mean']:.2f}" if m["mean"] is not None else "n/a"
+            if len(m["values"]) > 1:
+                cell += f" ± {m['std']:.2f} ({len(m['values'])})"
+            if s["zero_shot_text_examples"]:
+                cell += "*"
+                marked = True
+            label = s["task"] if s["selection"] == "random" else f"{s['task']} [{s['selection']}]"
+            rows.setdefault((label, name if name == s["metric"] else f"  {name}"), {})[s["shots"]] = cell
+    header = ["task", "metric"] + [f"{n}-shot" for n in shots]
+    lines = [header] + [[task, metric] + [cells.get(n, "-") for n in shots] for (task, metric), cells in rows.items()]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = [" | ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
+    text.insert(1, "-+-".join("-" * w for w in widths))
+    if marked:
+        text.append("* 0-shot prompts hold two text-only examples (images removed), as in the paper.")
+    return "\n".join(text)
+
+
+class _Runner:
+    """State shared by the runs of one :func:`evaluate` call: the model, the media cache, RICES indexes."""
+
+    def __init__(self, model, processor, *, batch_size: int, ensemble: int, max_rows: int, rices_cache_dir, progress: bool):
+        self.model = model
+        self.processor = processor
+        self.media = MediaEncoder(model, processor)
+        self.batch_size = batch_size
+        self.ensemble = ensemble
+        self.max_rows = max_rows
+        self.rices_cache_dir = rices_cache_dir
+        self.progress = progress
+        self.rices: dict[str, RICES] = {}
+
+    def _rices(self, task: Task, support: list[Example]) -> RICES:
+        if task.name not in self.rices:
+            self.rices[task.name] = RICES(task, self.media, support=support, cache_dir=self.rices_cache_dir, progress=self.progress)
+        return self.rices[task.name]
+
+    def _prompts_for(self, task: Task, query: Example, shots: list[Example], text_only: bool, rng: random.Random) -> list[list]:
+        orders = shot_permutations(shots, self.ensemble, rng) if task.kind == "rank" and self.ensemble > 1 and len(shots) > 1 else [shots]
+        return [build_prompt(task, query, order, text_only_shots=text_only) for order in orders]
+
+    def _answer(self, task: Task, queries: list[Example], prompts: list[list[list]]) -> list[Prediction]:
+        """queries[i] with its prompts[i] (one, or several ensembled orders) -> predictions."""
+        flat = [p for ps in prompts for p in ps]
+        if task.kind == "generate":
+            kwargs = dict(task.generate_kwargs or {})
+            texts = generate_texts(
+                self.model, self.processor, flat, media=self.media, num_frames=task.num_frames,
+                max_new_tokens=task.max_new_tokens, num_beams=task.num_beams, **kwargs,
+            )
+            return [Prediction(task.postprocess(t), raw=t) for t in texts]
+        if task.kind != "rank":
+            raise ValueError(f"task {task.name!r}: kind must be 'generate' or 'rank', got {task.kind!r}")
+        candidates = [task.candidates(q) for q in queries]
+        continuations = [[task.continuation(c) for c in cands] for cands, ps in zip(candidates, prompts) for _ in ps]
+        lls = candidate_log_likelihoods(
+            self.model, self.processor, flat, continuations, media=self.media, num_frames=task.num_frames, max_rows=self.max_rows,
+        )
+        scores = rank_scores(lls, task.length_normalize)
+        out, k = [], 0
+        for cands, ps in zip(candidates, prompts):
+            mean = torch.stack(scores[k : k + len(ps)]).mean(0)  # prompt ensembling: average over orders
+            k += len(ps)
+            out.append(Prediction(cands[int(mean.argmax())], scores=dict(zip(cands, mean.tolist()))))
+        return out
+
+    def run(self, task: Task, queries: list[Example], support: list[Example], n: int, seed: int, selection: str) -> dict:
+        start_time = time.time()
+        text_only = n == 0 and task.zero_shot_text_examples
+        if (n > 0 or text_only) and not support:
+            raise ValueError(f"task {task.name!r} has an empty support set: cannot build {n}-shot prompts")
+        rices = self._rices(task, support) if selection == "rices" and n > 0 else None
+        predictions: list[Prediction] = []
+        scored: list[Example] = []
+        records: list[dict] = []
+        bar = tqdm(total=len(queries), desc=f"{task.name} {n}-shot seed {seed}", disable=not self.progress, unit="ex")
+        for start in range(0, len(queries), self.batch_size):
+            batch = queries[start : start + self.batch_size]
+            retrieved = rices.select(batch, n) if rices is not None else None
+            episode_queries, prompts, shot_ids = [], [], []
+            for j, query in enumerate(batch):
+                # one generator per query: its shots do not depend on the batch size or on other queries
+                rng = random.Random(f"{seed}/{task.name}/{n}/{start + j}")
+                if text_only:
+                    shots = sample_random_shots(support, task.num_text_examples, rng, exclude_id=query.id)
+                elif n == 0:
+                    shots = []
+                elif retrieved is not None:
+                    shots = retrieved[j]
+                else:
+                    shots = sample_random_shots(support, n, rng, exclude_id=query.id)
+                query, shots = task.episode(query, shots, rng)
+                episode_queries.append(query)
+                prompts.append(self._prompts_for(task, query, shots, text_only, rng))
+                shot_ids.append([_jsonable(s.id) for s in shots])
+            answers = self._answer(task, episode_queries, prompts)
+            for query, pred, ids in zip(episode_queries, answers, shot_ids):
+                record = {"id": _jsonable(query.id), "prediction": str(pred), "reference": _reference(task, query), "shots": ids}
+                if pred.raw is not None and pred.raw != str(pred):
+                    record["raw"] = pred.raw
+                if pred.scores is not None:
+                    best = sorted(pred.scores.items(), key=lambda kv: -kv[1])
+                    record["scores"] = {c: round(s, 5) for c, s in (best if len(best) <= MAX_SCORES_KEPT else best[:5])}
+                records.append(record)
+            predictions += answers
+            scored += episode_queries
+            bar.update(len(batch))
+        bar.close()
+        # an undefined metric (e.g. ROC-AUC of one class) is NaN from the task and null in the JSON
+        scores = {k: (float(v) if v is not None and math.isfinite(v) else None) for k, v in task.score(predictions, scored).items()}
+        if task.metric not in scores:
+            raise ValueError(f"task {task.name!r}: score() returned {sorted(scores)} without its main metric {task.metric!r}")
+        return {
+            "task": task.name, "kind": task.kind, "shots": n, "seed": seed, "selection": selection, "metric": task.metric,
+            "value": scores[task.metric], "scores": scores, "num_examples": len(queries),
+            "zero_shot_text_examples": bool(text_only), "ensemble": self.ensemble if task.kind == "rank" else 1,
+            "prompt": task.prompt, "time_s": round(time.time() - start_time, 2), "predictions": records,
+        }
+
+
+def evaluate(
+    model,
+    processor,
+    tasks: Sequence[Task],
+    shots: Sequence[int] = (0, 4, 8),
+    seeds: Sequence[int] = (0,),
+    selection: str = "random",
+    batch_size: int = 8,
+    limit: int | None = None,
+    results_path: str | os.PathLike | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    *,
+    ensemble: int = 1,
+    max_rows: int = 64,
+    rices_cache_dir: str | os.PathLike | None = None,
+    model_name: str | None = None,
+    config: dict | None = None,
+) -> dict:
+    """Evaluate ``model`` on every task at every number of shots and seed; return (and write) the results.
+
+    selection: "random" (shots drawn per seed) or "rices" (retrieved; deterministic, so only the first
+    seed runs). ensemble: rank tasks average their candidate scores over this many orders of the shots.
+    max_rows: rank tasks score at most this many (prompt, candidate) rows per forward; each row holds a
+    copy of its prompt's KV cache, so this bounds memory.
+    limit: evaluate the first ``limit`` queries of each task. results_path: the JSON written after every
+    run; with ``resume``, runs already in it (same task, shots, seed, selection, limit, ensemble) are
+    skipped. Returns {"model", "config", "runs": [per run: scores, per-example predictions, ...],
+    "summary": [per (task, shots): mean/std over seeds]}.
+    """
+    if selection not in ("random", "rices"):
+        raise ValueError(f"selection must be 'random' or 'rices', got {selection!r}")
+    if any(n < 0 for n in shots):
+        raise ValueError(f"shots must be >= 0, got {list(shots)}")
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names must be unique (they key the results), got {names}")
+    model_name = model_name or getattr(model.config, "lm_name_or_path", None) or type(model).__name__
+    settings = {
+        "shots": list(shots), "seeds": list(seeds), "selection": selection, "batch_size": batch_size, "limit": limit,
+        "ensemble": ensemble,
+    }
+    results = {"version": RESULTS_VERSION, "model": model_name, "config": {**(config or {}), **settings}, "runs": [], "summary": []}
+    if results_path is not None and resume and Path(results_path).is_file():
+        previous = json.loads(Path(results_path).read_text())
+        if previous.get("model") not in (None, model_name):
+            raise ValueError(
+                f"{results_path} holds results of model {previous.get('model')!r}, not {model_name!r}: "
+                "choose another results path or pass resume=False (--no-resume)"
+            )
+        results["runs"] = previous.get("runs", [])
+    done = {_run_key(r): r for r in results["runs"]}
+
+    runner = _Runner(model, processor, batch_size=batch_size, ensemble=ensemble, max_rows=max_rows, rices_cache_dir=rices_cache_dir, progress=progress)
+    was_training = model.training
+    model.eval()
+    try:
+        for task in tasks:
+            queries = task.queries()
+            queries = queries[:limit] if limit is not None else queries
+            support: list[Example] | None = None  # read on first need (0-shot without text examples has none)
+            for n in shots:
+                for seed in seeds if selection == "random" else list(seeds)[:1]:
+                    key = (task.name, n, seed, selection)
+                    old = done.get(key)
+                    if old is not None and old.get("num_examples") == len(queries) and old.get("ensemble", 1) == (ensemble if task.kind == "rank" else 1):
+                        continue
+                    if support is None and (n > 0 or task.zero_shot_text_examples):
+                        support = task.support()
+                    run = runner.run(task, queries, support or [], n, seed, selection)
+                    results["runs"] = [r for r in results["runs"] if _run_key(r) != key] + [run]
+                    done[key] = run
+                    results["summary"] = summarize(results["runs"])
+                    if results_path is not None:
+                        _write_json(results_path, results)
+    finally:
+        model.train(was_training)
+    results["summary"] = summarize(results["runs"])
+    if results_path is not None:
+        _write_json(results_path, results)
+    return results

@@ -1,0 +1,214 @@
+"""What a benchmark is to the runner: examples, how one is written into a prompt, and how predictions score.
+
+A :class:`Task` owns everything benchmark-specific (readers, prompt, answer post-processing, metric); the
+runner (:mod:`flamingo_vlm.evaluation.runner`) only builds prompts from ``format_example`` and calls
+``score``. Adding a benchmark is a new ``Task`` subclass (registered with :func:`register_task` for YAML
+configs), never an edit of the runner.
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..config import END_OF_CHUNK_TOKEN
+from .metrics import exact_match_accuracy, vqa_normalize
+
+
+@dataclass
+class Example:
+    """One benchmark item.
+
+    id: unique within its split (written to the results). media: PIL images, image/video paths or
+    :class:`flamingo_vlm.Video` objects, in prompt order. fields: everything else (question, answers,
+    captions, label, ...), available to the prompt template as ``{name}``.
+    """
+
+    id: Any
+    media: list = field(default_factory=list)
+    fields: dict = field(default_factory=dict)
+
+
+class Prediction(str):
+    """A prediction for one query: the text itself (a ``str``, so a task may compare it directly), plus
+
+    scores: rank tasks, candidate -> (length-normalised) log-likelihood, averaged over ensembled prompts;
+    raw: generate tasks, the decoded continuation before :meth:`Task.postprocess`.
+    """
+
+    scores: dict[str, float] | None
+    raw: str | None
+
+    def __new__(cls, text: str, *, scores: dict[str, float] | None = None, raw: str | None = None) -> "Prediction":
+        obj = super().__new__(cls, text)
+        obj.scores = scores
+        obj.raw = raw
+        return obj
+
+
+def as_media(item: Any) -> Any:
+    """A media entry as the processor takes it: plain strings become paths (a str item would be prompt text)."""
+    return Path(item) if isinstance(item, str) else item
+
+
+class Task:
+    """A few-shot benchmark. Class attributes are the defaults; the constructor overrides any of them.
+
+    kind: "generate" (open-ended: beam search, then ``postprocess``) or "rank" (close-ended: the
+    candidates are ranked by log-likelihood). The prompt of one example is its media followed by
+    ``prompt.format(**fields)``; with its answer, ``answer_prefix + answer + answer_suffix`` follows
+    (the paper's ``<image>Output: {caption}<EOC>``).
+    """
+
+    name: str = "task"
+    kind: str = "generate"
+    metric: str = "accuracy"
+    prompt: str = "Output:"
+    answer_prefix: str = " "
+    answer_suffix: str = END_OF_CHUNK_TOKEN
+    # Open-ended decoding (paper: beam search with 3 beams, stop at the first <EOC>).
+    max_new_tokens: int = 20
+    num_beams: int = 3
+    generate_kwargs: dict | None = None
+    # The paper's "0-shot": two text-only examples (images removed) before the query.
+    zero_shot_text_examples: bool = True
+    num_text_examples: int = 2
+    # Close-ended scoring: mean (True) or summed (False) token log-likelihood; whether the candidate's
+    # <|endofchunk|> is scored too (it tells "cat" from the start of "cat food").
+    length_normalize: bool = True
+    score_end_of_chunk: bool = True
+    # Frames sampled uniformly from each video file.
+    num_frames: int = 8
+
+    def __init__(
+        self,
+        name: str | None = None,
+        *,
+        prompt: str | None = None,
+        answer_prefix: str | None = None,
+        answer_suffix: str | None = None,
+        max_new_tokens: int | None = None,
+        num_beams: int | None = None,
+        generate_kwargs: dict | None = None,
+        zero_shot_text_examples: bool | None = None,
+        num_text_examples: int | None = None,
+        length_normalize: bool | None = None,
+        score_end_of_chunk: bool | None = None,
+        num_frames: int | None = None,
+    ) -> None:
+        overrides = dict(
+            name=name, prompt=prompt, answer_prefix=answer_prefix, answer_suffix=answer_suffix, max_new_tokens=max_new_tokens,
+            num_beams=num_beams, generate_kwargs=generate_kwargs, zero_shot_text_examples=zero_shot_text_examples,
+            num_text_examples=num_text_examples, length_normalize=length_normalize, score_end_of_chunk=score_end_of_chunk,
+            num_frames=num_frames,
+        )
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(self, key, value)
+
+    # ---- data --------------------------------------------------------------------------------
+    def support(self) -> list[Example]:
+        """The pool that shots are drawn from (usually the train split)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement support()")
+
+    def queries(self) -> list[Example]:
+        """The evaluated examples (the val/test split)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement queries()")
+
+    # ---- prompts -----------------------------------------------------------------------------
+    def media_items(self, ex: Example) -> list:
+        return [as_media(m) for m in ex.media]
+
+    def prompt_text(self, ex: Example) -> str:
+        """The text after the example's media, up to where the answer goes."""
+        return self.prompt.format(**ex.fields)
+
+    def format_example(self, ex: Example, with_answer: bool) -> list:
+        """Interleaved processor items: ``[img, "Output: a cat.<|endofchunk|>"]`` or ``[img, "Output:"]``."""
+        text = self.prompt_text(ex)
+        if with_answer:
+            text += self.answer_prefix + self.answer(ex) + self.answer_suffix
+        return [*self.media_items(ex), text]
+
+    def answer(self, ex: Example) -> str:
+        """The answer written after a shot (and the reference for exact-match scoring)."""
+        return str(ex.fields["answer"])
+
+    def candidates(self, ex: Example) -> list[str]:
+        """Rank tasks: the answers to rank for this query."""
+        if "candidates" in ex.fields:
+            return list(ex.fields["candidates"])
+        raise NotImplementedError(f"{type(self).__name__} is a rank task: implement candidates() or give fields['candidates']")
+
+    def continuation(self, candidate: str) -> str:
+        """The text scored for one candidate after the query prompt: what ``format_example(with_answer=True)``
+        appends to the query's text. Override both together if a task writes its answers differently."""
+        return self.answer_prefix + candidate + (self.answer_suffix if self.score_end_of_chunk else "")
+
+    def postprocess(self, text: str) -> str:
+        """Generated text -> the answer: the first line, up to the end of the chunk."""
+        text = text.split(END_OF_CHUNK_TOKEN)[0]
+        return text.strip().split("\n")[0].strip()
+
+    # ---- scoring -----------------------------------------------------------------------------
+    def score(self, predictions: list, examples: list[Example]) -> dict[str, float]:
+        """Metric values (in percent, as papers report them); the main one under ``self.metric``."""
+        references = [self.answer(ex) for ex in examples]
+        return {self.metric: 100.0 * exact_match_accuracy(predictions, references, normalize=vqa_normalize)}
+
+    def reference(self, ex: Example) -> Any:
+        """What the results JSON shows next to each prediction."""
+        return self.answer(ex)
+
+    # ---- per-prompt hook ---------------------------------------------------------------------
+    def episode(self, query: Example, shots: list[Example], rng: random.Random) -> tuple[Example, list[Example]]:
+        """Rewrite one prompt's examples after shot selection (e.g. bind new words to classes for this prompt).
+
+        Called for every prompt; the prediction is scored against the returned query.
+        """
+        return query, shots
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, kind={self.kind!r}, metric={self.metric!r})"
+
+
+# ---- registry ------------------------------------------------------------------------------------
+TASK_TYPES: dict[str, Callable[..., Task]] = {}
+
+
+def register_task(type_name: str, factory: Callable[..., Task] | None = None):
+    """Register a Task class (or factory) under ``type_name`` for YAML configs; usable as a decorator."""
+
+    def add(f: Callable[..., Task]):
+        TASK_TYPES[type_name] = f
+        return f
+
+    return add(factory) if factory is not None else add
+
+
+def build_task(spec: dict[str, Any]) -> Task:
+    """A Task from a config dict: ``{"type": "coco_captioning", "karpathy_json": ..., ...}``.
+
+    ``type`` is a registered name or ``"package.module:ClassName"`` (custom tasks without registering);
+    every other key is a constructor argument (``name`` defaults to the class's).
+    """
+    from . import tasks  # noqa: F401  (registers the built-in tasks)
+
+    spec = dict(spec)
+    if "type" not in spec:
+        raise ValueError(f"a task config needs a 'type' (one of {sorted(TASK_TYPES)} or 'module:Class'), got {spec}")
+    type_name = spec.pop("type")
+    if ":" in type_name:
+        module, _, attr = type_name.partition(":")
+        factory = getattr(importlib.import_module(module), attr)
+    elif type_name in TASK_TYPES:
+        factory = TASK_TYPES[type_name]
+    else:
+        raise ValueError(f"unknown task type {type_name!r}; registered: {sorted(TASK_TYPES)} (or give 'module:Class')")
+    try:
+        return factory(**spec)
+    except TypeError as e:
+        raise ValueError(f"task {spec.get('name', type_name)!r} ({type_name}): {e}") from e

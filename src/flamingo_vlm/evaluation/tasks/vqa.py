@@ -1,0 +1,167 @@
+"""Visual question answering: VQAv2, OK-VQA, VizWiz, TextVQA. Official VQA accuracy.
+
+Readers take the VQA format (a questions json {"questions": [...]} plus an annotations json
+{"annotations": [{"question_id", "answers": [10 x {"answer"}], "multiple_choice_answer"}]}), which
+VQAv2 and OK-VQA use and into which OpenFlamingo converts VizWiz and TextVQA; they also read VizWiz's
+own json (a list of {"image", "question", "answers"}) and TextVQA's ({"data": [{"question_id",
+"image_id", "question", "answers": [10 strings]}]}) when no annotations json is given.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+from ..metrics import vqa_accuracy
+from ..task import Example, Task, register_task
+from .files import memo, read_json, records, require_dir, require_file
+
+
+def _answer_texts(answers: list) -> list[str]:
+    return [a["answer"] if isinstance(a, dict) else str(a) for a in answers]
+
+
+def _shot_answer(answers: list[str], given: str | None = None) -> str:
+    """The answer a shot shows: the annotators' most common answer (VQA's multiple_choice_answer)."""
+    if given:
+        return given
+    return Counter(answers).most_common(1)[0][0] if answers else ""
+
+
+def read_vqa(
+    questions_json: str | Path,
+    annotations_json: str | Path | None,
+    image_dir: str | Path,
+    image_name_format: str = "COCO_{data_subtype}_{image_id:012d}.jpg",
+) -> list[Example]:
+    """VQA-format questions + annotations (or VizWiz / TextVQA native json) -> Examples.
+
+    image_name_format is formatted with the question's fields and the file's ``data_subtype``
+    (e.g. "val2014"): the default gives COCO's "COCO_val2014_000000000042.jpg".
+    """
+    image_dir = Path(image_dir)
+    data = read_json(questions_json)
+    out = []
+    if annotations_json is not None:
+        subtype = data.get("data_subtype", "val2014") if isinstance(data, dict) else "val2014"
+        annotations = {a["question_id"]: a for a in records(read_json(annotations_json), "annotations")}
+        for q in records(data, "questions"):
+            ann = annotations.get(q["question_id"])
+            if ann is None:
+                raise ValueError(f"{annotations_json}: no annotation for question_id {q['question_id']}")
+            answers = _answer_texts(ann["answers"])
+            file = image_dir / image_name_format.format(**{"data_subtype": subtype, **q})
+            fields = {
+                "question": q["question"], "answers": answers, "image_id": q["image_id"],
+                "answer": _shot_answer(answers, ann.get("multiple_choice_answer")), "answer_type": ann.get("answer_type"),
+            }
+            out.append(Example(id=q["question_id"], media=[file], fields=fields))
+        return out
+    for i, row in enumerate(records(data, "data", "questions")):  # VizWiz / TextVQA native
+        if "answers" not in row:
+            raise ValueError(f"{questions_json}: row {i} has no answers (a test split?) and no annotations_json was given")
+        answers = _answer_texts(row["answers"])
+        if "image" in row:  # VizWiz
+            file, ex_id = image_dir / row["image"], row.get("question_id", row["image"])
+        else:  # TextVQA
+            file, ex_id = image_dir / image_name_format.format(**row), row["question_id"]
+        fields = {"question": row["question"], "answers": answers, "answer": _shot_answer(answers), "answer_type": row.get("answer_type")}
+        out.append(Example(id=ex_id, media=[file], fields=fields))
+    return out
+
+
+def postprocess_vqa(text: str) -> str:
+    """OpenFlamingo's VQA post-processing: the answer ends where a new "Question"/"Answer" starts, or at ", "."""
+    answer = re.split("Question|Answer|Short", text, maxsplit=1)[0]
+    return re.split(", ", answer, maxsplit=1)[0].strip().split("\n")[0].strip()
+
+
+@register_task("vqa")
+@register_task("vqav2")
+class VQATask(Task):
+    """Open-ended VQA: ``<image>Question: {question} Answer: {answer}<|endofchunk|>``; VQA accuracy.
+
+    Queries from ``questions_json`` + ``annotations_json``, shots from the ``support_*`` pair (the train
+    split). normalize_always: normalise answers even when all annotators agree (the official code does
+    not).
+    """
+
+    name = "vqav2"
+    kind = "generate"
+    metric = "vqa_accuracy"
+    prompt = "Question: {question} Answer:"
+    max_new_tokens = 5
+    image_name_format = "COCO_{data_subtype}_{image_id:012d}.jpg"
+    normalize_always = False
+
+    def __init__(
+        self,
+        name: str | None = None,
+        questions_json: str | Path | None = None,
+        annotations_json: str | Path | None = None,
+        image_dir: str | Path | None = None,
+        support_questions_json: str | Path | None = None,
+        support_annotations_json: str | Path | None = None,
+        image_name_format: str | None = None,
+        *,
+        support_image_dir: str | Path | None = None,
+        support_image_name_format: str | None = None,
+        normalize_always: bool | None = None,
+        **options,
+    ) -> None:
+        super().__init__(name, **options)
+        self.questions_json = require_file(questions_json, "questions_json")
+        self.annotations_json = require_file(annotations_json, "annotations_json") if annotations_json else None
+        self.image_dir = require_dir(image_dir, "image_dir")
+        self.support_questions_json = require_file(support_questions_json, "support_questions_json") if support_questions_json else None
+        self.support_annotations_json = require_file(support_annotations_json, "support_annotations_json") if support_annotations_json else None
+        self.support_image_dir = require_dir(support_image_dir, "support_image_dir") if support_image_dir else self.image_dir
+        if image_name_format is not None:
+            self.image_name_format = image_name_format
+        self.support_image_name_format = support_image_name_format or self.image_name_format
+        if normalize_always is not None:
+            self.normalize_always = normalize_always
+
+    def queries(self) -> list[Example]:
+        return memo(self, "queries", lambda: read_vqa(self.questions_json, self.annotations_json, self.image_dir, self.image_name_format))
+
+    def support(self) -> list[Example]:
+        if self.support_questions_json is None:
+            raise ValueError(f"task {self.name!r} has no support_questions_json to draw shots from")
+        return memo(self, "support", lambda: read_vqa(
+            self.support_questions_json, self.support_annotations_json, self.support_image_dir, self.support_image_name_format
+        ))
+
+    def reference(self, ex: Example):
+        return ex.fields["answers"]
+
+    def postprocess(self, text: str) -> str:
+        return postprocess_vqa(super().postprocess(text))
+
+    def score(self, predictions: list, examples: list[Example]) -> dict[str, float]:
+        accs = [vqa_accuracy(p, ex.fields["answers"], normalize_always=self.normalize_always) for p, ex in zip(predictions, examples)]
+        return {"vqa_accuracy": 100.0 * sum(accs) / max(len(accs), 1)}
+
+
+@register_task("ok_vqa")
+class OKVQA(VQATask):
+    """OK-VQA (VQA format, COCO val2014/train2014 images)."""
+
+    name = "ok_vqa"
+
+
+@register_task("vizwiz")
+class VizWiz(VQATask):
+    """VizWiz: VQA format with file names as image ids (OpenFlamingo's conversion), or VizWiz's own json."""
+
+    name = "vizwiz"
+    image_name_format = "{image_id}"
+
+
+@register_task("textvqa")
+class TextVQA(VQATask):
+    """TextVQA: VQA format or TextVQA's own json; images ``{image_id}.jpg``."""
+
+    name = "textvqa"
+    image_name_format = "{image_id}.jpg"
