@@ -1,0 +1,194 @@
+"""The toy world's own backbones, trained here and saved with ``save_pretrained``.
+
+- a byte-level BPE tokenizer trained with ``tokenizers`` on the toy text;
+- a tiny Llama-style causal LM pretrained on the toy text corpus;
+- a tiny CLIP (``CLIPModel``) trained contrastively on the toy image-text pairs.
+
+They are loaded back by ``from_pretrained``, exactly the path a real backbone takes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from ..modeling.vision import ImageTransform
+from .world import IMAGE_SIZE
+
+TOY_MEAN = (0.5, 0.5, 0.5)
+TOY_STD = (0.25, 0.25, 0.25)
+
+
+@dataclass
+class BackboneSizes:
+    lm_hidden: int = 128
+    lm_layers: int = 4
+    lm_heads: int = 4
+    lm_steps: int = 900
+    lm_batch: int = 32
+    lm_seq_len: int = 128
+    vocab_size: int = 1024
+    clip_hidden: int = 96
+    clip_layers: int = 4
+    clip_steps: int = 500
+    clip_batch: int = 128
+
+    @classmethod
+    def quick(cls) -> "BackboneSizes":
+        return cls(lm_steps=500, clip_steps=300)
+
+    @classmethod
+    def tiny(cls) -> "BackboneSizes":
+        return cls(lm_hidden=32, lm_layers=2, lm_heads=2, lm_steps=5, lm_batch=4, lm_seq_len=32, vocab_size=400,
+                   clip_hidden=32, clip_layers=1, clip_steps=3, clip_batch=8)
+
+
+def read_corpus(world: Path) -> list[str]:
+    return [d for d in (world / "text" / "lm_corpus.txt").read_text().split("\n\n") if d.strip()]
+
+
+def train_tokenizer(corpus: list[str], vocab_size: int):
+    """Byte-level BPE with Llama-style BOS prepended, as a ``PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def _packed_batches(token_ids: torch.Tensor, seq_len: int, batch: int, gen: torch.Generator):
+    n = (len(token_ids) - 1) // seq_len
+    rows = token_ids[: n * seq_len].view(n, seq_len)
+    while True:
+        for idx in torch.randperm(n, generator=gen).split(batch):
+            if len(idx) == batch:
+                yield rows[idx]
+
+
+def _lr(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+
+def pretrain_lm(world: Path, out_dir: Path, sizes: BackboneSizes, seed: int = 0, progress: bool = True) -> dict:
+    """Train the tokenizer and a Llama-style LM on the toy text; save both to ``out_dir``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    corpus = read_corpus(world)
+    tokenizer = train_tokenizer(corpus, sizes.vocab_size)
+    ids = tokenizer(corpus, add_special_tokens=True)["input_ids"]
+    stream = torch.tensor([t for doc in ids for t in doc + [tokenizer.eos_token_id]])
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=sizes.lm_hidden, intermediate_size=3 * sizes.lm_hidden,
+        num_hidden_layers=sizes.lm_layers, num_attention_heads=sizes.lm_heads, num_key_value_heads=sizes.lm_heads,
+        max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, betas=(0.9, 0.98))
+    gen = torch.Generator().manual_seed(seed)
+    batches = _packed_batches(stream, sizes.lm_seq_len, sizes.lm_batch, gen)
+    model.train()
+    bar = tqdm(range(sizes.lm_steps), desc="pretrain toy LM", disable=not progress)
+    losses = []
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, sizes.lm_steps, 3e-3, max(1, sizes.lm_steps // 20))
+        x = next(batches)
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return {"final_loss": sum(losses[-20:]) / len(losses[-20:]), "params": sum(p.numel() for p in model.parameters())}
+
+
+def _pairs(world: Path):
+    """(PIL image, caption) from the webdataset pair shards."""
+    shards = sorted(str(p) for p in (world / "pairs").glob("shard-*.tar"))
+    for sample in wds.WebDataset(shards, shardshuffle=False, empty_check=False):
+        yield Image.open(io.BytesIO(sample["png"])).convert("RGB"), sample["txt"].decode()
+
+
+def _clip_text(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids ending in EOS (CLIP pools its text at the first EOS), padded with EOS: [N, max_length] x2."""
+    eos = tokenizer.eos_token_id
+    rows = [ids[: max_length - 1] + [eos] for ids in tokenizer(texts)["input_ids"]]
+    input_ids = torch.full((len(rows), max_length), eos)
+    attention_mask = torch.zeros(len(rows), max_length, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention_mask[i, : len(row)] = 1
+    return input_ids, attention_mask
+
+
+def pretrain_clip(world: Path, out_dir: Path, tokenizer, sizes: BackboneSizes, seed: int = 0, progress: bool = True) -> dict:
+    """Train a tiny ``CLIPModel`` contrastively on the toy pairs; save it (+ preprocessor config) to ``out_dir``."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    transform = ImageTransform(size=IMAGE_SIZE, mean=TOY_MEAN, std=TOY_STD)
+    images, texts = [], []
+    for img, cap in _pairs(world):
+        images.append(transform(img))
+        texts.append(cap)
+    pixels = torch.stack(images)
+    input_ids, attention_mask = _clip_text(tokenizer, texts, max_length=24)
+    h = sizes.clip_hidden
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=h, intermediate_size=2 * h, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=24, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id),
+        vision_config=dict(hidden_size=h, intermediate_size=2 * h, num_hidden_layers=sizes.clip_layers, num_attention_heads=4,
+                           image_size=IMAGE_SIZE, patch_size=8),
+        projection_dim=h,
+    )
+    model = CLIPModel(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    bar = tqdm(range(sizes.clip_steps), desc="pretrain toy CLIP", disable=not progress)
+    n = len(pixels)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, sizes.clip_steps, 2e-3, max(1, sizes.clip_steps // 20))
+        idx = torch.randint(0, n, (sizes.clip_batch,), generator=gen)
+        out = model(input_ids=input_ids[idx], attention_mask=attention_mask[idx], pixel_values=pixels[idx], return_loss=True)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        bar.set_postfix(loss=f"{out.loss.item():.3f}")
+    model.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    (out_dir / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        "size": {"shortest_edge": IMAGE_SIZE}, "image_mean": list(TOY_MEAN), "image_std": list(TOY_STD),
+        "do_resize": True, "do_center_crop": True, "do_normalize": True, "resample": 3,
+    }, indent=2))
+    return {"final_loss": out.loss.item(), "params": sum(p.numel() for p in model.vision_model.parameters())}

@@ -1,0 +1,76 @@
+"""Build the toy world and its backbones once, into a cache directory, and reuse them after."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from .backbones import BackboneSizes, pretrain_clip, pretrain_lm
+from .generate import WORLD_VERSION, WorldSizes, generate_world
+
+DEFAULT_CACHE = Path(os.environ.get("FLAMINGO_VLM_CACHE", Path.home() / ".cache" / "flamingo-vlm"))
+
+
+def _complete(path: Path) -> bool:
+    return (path / "DONE").is_file()
+
+
+def _build_atomically(final: Path, build) -> dict:
+    """Run ``build(tmp_dir)`` in a temporary directory, then rename it into place (a killed build leaves nothing)."""
+    tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    info = build(tmp) or {}
+    (tmp / "DONE").write_text(json.dumps(info, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return info
+
+
+PRESETS = ("full", "quick", "tiny")
+
+
+def ensure_toyworld(
+    cache_dir: str | Path | None = None,
+    *,
+    preset: str = "full",
+    world_seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Paths of the toy world, the toy LM (with its tokenizer) and the toy CLIP, building what is missing.
+
+    preset: "full", "quick" (smaller world, shorter pretraining) or "tiny" (tests). Returns
+    {"world", "lm", "clip"}; built once per (version, preset, world seed) under ``cache_dir``
+    (default ``$FLAMINGO_VLM_CACHE`` or ``~/.cache/flamingo-vlm``).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown toy world preset {preset!r}: expected one of {PRESETS}")
+    cache = Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE
+    root = cache / f"toyworld-v{WORLD_VERSION}-{preset}-seed{world_seed}"
+    world, lm, clip = root / "world", root / "backbones" / "lm", root / "backbones" / "clip"
+    world_sizes = getattr(WorldSizes, preset)() if preset != "full" else WorldSizes()
+    sizes = getattr(BackboneSizes, preset)() if preset != "full" else BackboneSizes()
+    if not _complete(world):
+        def build_world(tmp):
+            generate_world(tmp, seed=world_seed, sizes=world_sizes, progress=progress)
+            return {"sizes": asdict(world_sizes)}
+        _build_atomically(world, build_world)
+    if not _complete(lm):
+        def build_lm(tmp):
+            start = time.time()
+            return {**pretrain_lm(world, tmp, sizes, seed=world_seed, progress=progress), "seconds": time.time() - start}
+        _build_atomically(lm, build_lm)
+    if not _complete(clip):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(lm)
+
+        def build_clip(tmp):
+            start = time.time()
+            return {**pretrain_clip(world, tmp, tokenizer, sizes, seed=world_seed, progress=progress), "seconds": time.time() - start}
+        _build_atomically(clip, build_clip)
+    return {"world": world, "lm": lm, "clip": clip}

@@ -1,0 +1,270 @@
+"""Write the toy world to disk in the formats real data comes in.
+
+    world/
+      world.json                      what was generated (seed, sizes, format notes)
+      text/lm_corpus.txt              text-only documents for the frozen LM's pretraining (blank-line separated)
+      pairs/shard-*.tar               webdataset image-text pairs: {key}.png + {key}.txt (LAION/img2dataset layout)
+      interleaved/shard-*.tar         MMC4 webdataset repack: {key}.json with text_list + image_info (base64 images)
+      videos/shard-*.tar              webdataset video-text pairs: {key}.mp4 + {key}.txt
+      eval/coco/                      Karpathy-split captions json (dataset_coco.json) + images/
+      eval/vqa/                       VQAv2 questions/annotations json (train = shots, val = queries) + images/
+      eval/classification/            ImageNet-style list files (train.txt, val.txt: "relative/path label") + classnames.txt
+      eval/videoqa/                   MSVD-QA style json (train_qa.json, test_qa.json) + videos/
+      eval/heldout/scenes.json        scene attributes of held-out query/support images (+ images/)
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+from . import text as T
+from .world import COLOURS, SHAPES, Scene, VideoScene, render_scene, render_video, sample_scene, sample_video_scene
+
+WORLD_VERSION = 1
+
+
+@dataclass
+class WorldSizes:
+    """How much of each kind of data to write."""
+
+    pairs: int = 12000
+    documents: int = 4000
+    videos: int = 1200
+    lm_documents: int = 12000
+    eval_queries: int = 240
+    eval_support: int = 400
+    images_per_document: tuple[int, int] = (3, 5)
+    shard_size: int = 1000
+
+    @classmethod
+    def quick(cls) -> "WorldSizes":
+        return cls(pairs=8000, documents=2000, videos=400, lm_documents=6000, eval_queries=200, eval_support=200)
+
+    @classmethod
+    def tiny(cls) -> "WorldSizes":
+        return cls(pairs=48, documents=32, videos=16, lm_documents=200, eval_queries=12, eval_support=16, shard_size=32)
+
+
+def png_bytes(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def mp4_bytes(frames, fps: int = 4) -> bytes:
+    """Encode PIL frames as an MPEG-4 video with PyAV."""
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height = frames[0].size
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"qscale": "2"}  # near-lossless: colours must survive the codec
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.asarray(frame), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+class _ShardWriter:
+    """webdataset ShardWriter into ``directory/shard-%05d.tar``."""
+
+    def __init__(self, directory: Path, shard_size: int):
+        directory.mkdir(parents=True, exist_ok=True)
+        # mtime=0: byte-identical shards for the same seed
+        self.writer = wds.ShardWriter(str(directory / "shard-%05d.tar"), maxcount=shard_size, verbose=0, mtime=0.0)
+
+    def __enter__(self):
+        return self.writer
+
+    def __exit__(self, *exc):
+        self.writer.close()
+
+
+def _document(rng: random.Random, key: str) -> dict:
+    """One bursty MMC4-style document: a title, then images each followed by a chunk in one format."""
+    fmt = rng.choice(T.DOC_FORMATS)
+    n = rng.randint(2, 5) if fmt != "naming" else rng.randint(4, 5)
+    if fmt == "naming":  # a few shapes (or colours) per document, each bound to a word for this document only
+        attribute = rng.choice(("shape", "colour"))
+        values = rng.sample(SHAPES if attribute == "shape" else tuple(COLOURS), k=rng.choice((2, 2, 3)))
+        style = T.document_style(rng, fmt, attribute, values)
+        scenes = [sample_scene(rng, **{attribute: rng.choice(values)}) for _ in range(n)]
+    else:
+        style, scenes = T.document_style(rng, fmt), []
+        while len(scenes) < n:
+            s = sample_scene(rng)
+            if T.chunk_text(s, fmt, style) is not None:
+                scenes.append(s)
+    title = rng.choice(T.DOC_TITLES)
+    text_list = [title] if title else []
+    image_info = []
+    for i, s in enumerate(scenes):
+        image_info.append({
+            "image_name": f"{key}-{i}.png",
+            "raw_url": f"toy://{key}/{i}",
+            "matched_text_index": len(text_list),
+            "matched_sim": round(rng.uniform(0.28, 0.4), 4),
+            "image_base64": base64.b64encode(png_bytes(render_scene(s))).decode(),
+        })
+        text_list.append(T.chunk_text(s, fmt, style))
+    return {"url": f"toy://{key}", "text_list": text_list, "image_info": image_info, "similarity_matrix": [], "format": fmt}
+
+
+def lm_corpus(rng: random.Random, num_documents: int) -> list[str]:
+    """Text-only documents for pretraining the toy LM: structured lines, naming, Q&A, descriptions."""
+    docs = []
+    for _ in range(num_documents):
+        kind = rng.random()
+        scenes = [sample_scene(rng) for _ in range(rng.randint(4, 9))]
+        if kind < 0.4:
+            docs.append(T.structured_lines_document(rng, scenes))
+        elif kind < 0.6:
+            docs.append(T.naming_text_document(rng, scenes))
+        elif kind < 0.85:
+            fmt = rng.choice([f for f in T.DOC_FORMATS if f != "naming"])
+            style = T.document_style(rng, fmt)
+            lines = [T.chunk_text(s, fmt, style) for s in scenes]
+            docs.append("\n".join(x for x in lines if x))
+        elif kind < 0.95:
+            docs.append(" ".join(T.caption(s).capitalize() for s in scenes))
+        else:
+            videos = [sample_video_scene(rng) for _ in range(3)]
+            docs.append(" ".join(T.video_caption(v).capitalize() for v in videos))
+    return docs
+
+
+def _write_images(scenes: list[Scene], directory: Path, prefix: str) -> list[str]:
+    directory.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, s in enumerate(scenes):
+        name = f"{prefix}_{i:06d}.png"
+        render_scene(s).save(directory / name)
+        names.append(name)
+    return names
+
+
+def _write_eval(rng: random.Random, root: Path, sizes: WorldSizes) -> dict:
+    out = {}
+    n_q, n_s = sizes.eval_queries, sizes.eval_support
+    # Captioning, Karpathy json: test images are queries, train images the support pool.
+    coco = root / "coco"
+    scenes = [sample_scene(rng) for _ in range(n_s + n_q)]
+    names = _write_images(scenes, coco / "images", "toy")
+    images = [
+        {"filename": n, "filepath": "images", "imgid": i, "cocoid": i, "split": "train" if i < n_s else "test",
+         "sentences": [{"raw": T.caption(s), "tokens": T.caption(s).rstrip(".").split(), "imgid": i, "sentid": i}], "sentids": [i]}
+        for i, (n, s) in enumerate(zip(names, scenes))
+    ]
+    (coco / "dataset_coco.json").write_text(json.dumps({"dataset": "toy", "images": images}))
+    out["coco"] = str(coco)
+
+    # VQAv2: questions + annotations with 10 answers; train2014 = support, val2014 = queries.
+    vqa = root / "vqa"
+    for split, count, offset in (("train2014", n_s, 0), ("val2014", n_q, 100000)):
+        questions, annotations = [], []
+        for i in range(count):
+            s = sample_scene(rng)
+            image_id = offset + i
+            (vqa / "images").mkdir(parents=True, exist_ok=True)
+            render_scene(s).save(vqa / "images" / f"COCO_{split}_{image_id:012d}.jpg", quality=95)
+            kinds = [k for k in T.QUESTION_TYPES if T.question(s, k) is not None]
+            q, a = T.question(s, rng.choice(kinds))
+            qid = image_id * 10
+            questions.append({"image_id": image_id, "question": q, "question_id": qid})
+            answers = [{"answer": a, "answer_confidence": "yes", "answer_id": j + 1} for j in range(10)]
+            annotations.append({"question_id": qid, "image_id": image_id, "question_type": q.split()[0], "answer_type": "other",
+                                "multiple_choice_answer": a, "answers": answers})
+        (vqa / f"v2_OpenEnded_mscoco_{split}_questions.json").write_text(json.dumps({"task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": split, "questions": questions}))
+        (vqa / f"v2_mscoco_{split}_annotations.json").write_text(json.dumps({"data_type": "mscoco", "data_subtype": split, "annotations": annotations}))
+    out["vqa"] = str(vqa)
+
+    # Classification (shape), ImageNet-style list files.
+    cls = root / "classification"
+    for split, count in (("train", n_s), ("val", n_q)):
+        scenes = [sample_scene(rng, shape=SHAPES[i % len(SHAPES)]) for i in range(count)]
+        rng.shuffle(scenes)
+        names = _write_images(scenes, cls / split, split)
+        (cls / f"{split}.txt").write_text("".join(f"{split}/{n} {SHAPES.index(s.shape)}\n" for n, s in zip(names, scenes)))
+    (cls / "classnames.txt").write_text("\n".join(SHAPES) + "\n")
+    out["classification"] = str(cls)
+
+    # Video QA, MSVD-QA style.
+    vq = root / "videoqa"
+    (vq / "videos").mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", n_s), ("test", n_q)):
+        rows = []
+        for i in range(count):
+            v = sample_video_scene(rng)
+            name = f"{split}_{i:05d}"
+            (vq / "videos" / f"{name}.mp4").write_bytes(mp4_bytes(render_video(v)))
+            q, a = T.video_question(v, rng.choice(T.VIDEO_QUESTION_TYPES))
+            rows.append({"video": name, "video_id": i, "question": q, "answer": a, "id": i})
+        (vq / f"{split}_qa.json").write_text(json.dumps(rows))
+    out["videoqa"] = str(vq)
+
+    # Held-out tasks: scene attributes of support/query images (the tasks build their prompts).
+    ho = root / "heldout"
+    meta = {}
+    for split, count in (("support", n_s), ("query", n_q)):
+        scenes = [sample_scene(rng, count=1) for _ in range(count)]  # one object: every attribute is defined
+        names = _write_images(scenes, ho / "images", split)
+        meta[split] = [{"image": f"images/{n}", **s.to_dict()} for n, s in zip(names, scenes)]
+    (ho / "scenes.json").write_text(json.dumps(meta))
+    out["heldout"] = str(ho)
+    return out
+
+
+def generate_world(directory: str | Path, *, seed: int = 0, sizes: WorldSizes | None = None, progress: bool = True) -> Path:
+    """Write the whole toy world under ``directory`` (deterministic in ``seed``); returns the path."""
+    root = Path(directory)
+    sizes = sizes or WorldSizes()
+    rng = random.Random(seed)
+    bar = tqdm(total=5, desc="toy world", disable=not progress, unit="part")
+
+    corpus = lm_corpus(random.Random(rng.randrange(2**31)), sizes.lm_documents)
+    (root / "text").mkdir(parents=True, exist_ok=True)
+    (root / "text" / "lm_corpus.txt").write_text("\n\n".join(corpus) + "\n")
+    bar.update()
+
+    pair_rng = random.Random(rng.randrange(2**31))
+    with _ShardWriter(root / "pairs", sizes.shard_size) as sink:
+        for i in range(sizes.pairs):
+            s = sample_scene(pair_rng)
+            sink.write({"__key__": f"pair{i:07d}", "png": png_bytes(render_scene(s)), "txt": T.caption(s),
+                        "json": json.dumps(s.to_dict())})
+    bar.update()
+
+    doc_rng = random.Random(rng.randrange(2**31))
+    with _ShardWriter(root / "interleaved", sizes.shard_size) as sink:
+        for i in range(sizes.documents):
+            key = f"doc{i:07d}"
+            sink.write({"__key__": key, "json": json.dumps(_document(doc_rng, key))})
+    bar.update()
+
+    video_rng = random.Random(rng.randrange(2**31))
+    with _ShardWriter(root / "videos", sizes.shard_size) as sink:
+        for i in range(sizes.videos):
+            v = sample_video_scene(video_rng)
+            sink.write({"__key__": f"video{i:07d}", "mp4": mp4_bytes(render_video(v)), "txt": T.video_caption(v),
+                        "json": json.dumps(v.to_dict())})
+    bar.update()
+
+    eval_paths = _write_eval(random.Random(rng.randrange(2**31)), root / "eval", sizes)
+    bar.update()
+    bar.close()
+    eval_paths = {k: str(Path(v).relative_to(root)) for k, v in eval_paths.items()}  # relative: the world can move
+    manifest = {"version": WORLD_VERSION, "seed": seed, "sizes": sizes.__dict__, "eval": eval_paths}
+    (root / "world.json").write_text(json.dumps(manifest, indent=2, default=list))
+    return root

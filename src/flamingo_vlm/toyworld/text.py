@@ -1,0 +1,146 @@
+"""Language about the toy world: captions, questions, and the prompt formats documents are written in."""
+
+from __future__ import annotations
+
+import random
+
+from .world import COUNTS, PLURALS, Scene, VideoScene
+
+# Words bound to shapes inside one document (training) or one prompt (the held-out label-mapping task).
+# Training documents use fresh random nonce words, so the skill learned is to read the binding from the
+# context, not to remember a pool; the held-out words below are never generated for training.
+HELDOUT_NONCE_WORDS = ("gorp", "jiba", "plonk", "hisk", "vatu", "nelb", "crade", "fosk", "muzz", "tibe", "wroke", "yelp")
+_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "bl", "tr", "sn", "gl", "pr", "st")
+_VOWELS = ("a", "e", "i", "o", "u")
+_CODAS = ("", "", "k", "p", "x", "n", "m", "sh", "rt", "ld")
+
+
+def nonce_word(rng: random.Random) -> str:
+    """A random pronounceable non-word (never a held-out evaluation word)."""
+    while True:
+        word = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(rng.choice((1, 2)))) + rng.choice(_CODAS)
+        if word not in HELDOUT_NONCE_WORDS and len(word) >= 3:
+            return word
+
+
+def nonce_words(rng: random.Random, k: int) -> list[str]:
+    words: list[str] = []
+    while len(words) < k:
+        w = nonce_word(rng)
+        if w not in words:
+            words.append(w)
+    return words
+
+
+MOTION_WORDS = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
+
+
+def caption(scene: Scene) -> str:
+    if scene.count == 1:
+        return f"a {scene.size} {scene.colour} {scene.shape} on the {scene.position}."
+    return f"{COUNTS[scene.count - 1]} {scene.size} {scene.colour} {PLURALS[scene.shape]}."
+
+
+def video_caption(video: VideoScene) -> str:
+    return f"a {video.size} {video.colour} {video.shape} moves {MOTION_WORDS[video.motion]}."
+
+
+QUESTION_TYPES = ("shape", "colour", "size", "count", "position")
+
+
+def question(scene: Scene, kind: str) -> tuple[str, str] | None:
+    """(question, answer) of one type about the scene; None when it does not apply (position of a group)."""
+    if kind == "shape":
+        return "what shape is in the picture?", scene.shape
+    if kind == "colour":
+        return "what colour is the shape?", scene.colour
+    if kind == "size":
+        return "is the shape small or large?", scene.size
+    if kind == "count":
+        return "how many shapes are there?", scene.count_word
+    if kind == "position":
+        return ("where is the shape?", scene.position) if scene.count == 1 else None
+    raise ValueError(f"unknown question type {kind!r}")
+
+
+VIDEO_QUESTION_TYPES = ("motion", "shape", "colour")
+
+
+def video_question(video: VideoScene, kind: str) -> tuple[str, str]:
+    if kind == "motion":
+        return "which way does the shape move?", video.motion
+    if kind == "shape":
+        return "what shape moves?", video.shape
+    if kind == "colour":
+        return "what colour is the moving shape?", video.colour
+    raise ValueError(f"unknown video question type {kind!r}")
+
+
+# ---- formats of interleaved documents ------------------------------------------------------------
+# Documents are bursty: every chunk of one document is written in the same format (without that,
+# nothing is learned in context). The held-out evaluation formats are not in this list.
+ATTRIBUTE_FORMATS = {"Colour": "colour", "Shape": "shape", "Size": "size", "Count": "count_word"}
+
+
+def chunk_text(scene: Scene, fmt: str, style: dict | None = None) -> str | None:
+    """The text after one image in a document of format ``fmt``; None if the scene does not fit it.
+
+    ``style`` holds what one document fixes for all its chunks (see :func:`document_style`).
+    """
+    style = style or {}
+    if fmt == "caption":
+        return f"Output: {caption(scene)}"
+    if fmt == "qa":
+        qa = question(scene, style["qa_kind"])
+        return None if qa is None else f"Question: {qa[0]} Answer: {qa[1]}"
+    if fmt in ATTRIBUTE_FORMATS:
+        return f"{fmt}: {getattr(scene, ATTRIBUTE_FORMATS[fmt])}"
+    if fmt == "naming":
+        return f"This is a {style['names'][getattr(scene, style['attribute'])]}."
+    if fmt == "structured":
+        values = [getattr(scene, a) for a in style["order"]]
+        return None if None in values else f"{style['prefix']}: " + " ".join(values)
+    raise ValueError(f"unknown document format {fmt!r}")
+
+
+DOC_FORMATS = ("caption", "qa", "Colour", "Shape", "Size", "Count", "naming", "structured", "structured")
+DOC_TITLES = ("my shapes.", "a page of pictures.", "look at these.", "shapes i drew today.", "picture notes.", "")
+STRUCTURED_ATTRIBUTES = ("size", "colour", "shape", "count_word", "position")
+
+
+def document_style(rng: random.Random, fmt: str, attribute: str | None = None, values: list[str] | None = None) -> dict:
+    """What a document keeps the same in every chunk: its question type, its words, its prefix and order."""
+    if fmt == "qa":
+        return {"qa_kind": rng.choice(QUESTION_TYPES)}
+    if fmt == "naming":  # words bound to the values of one attribute (shapes or colours) in this document
+        return {"attribute": attribute, "names": dict(zip(values, nonce_words(rng, len(values))))}
+    if fmt == "structured":  # a random non-word prefix, attributes in a random order
+        return {"prefix": nonce_word(rng).capitalize(), "order": rng.sample(STRUCTURED_ATTRIBUTES, k=rng.choice((1, 2, 3, 3)))}
+    return {}
+
+
+HELDOUT_PREFIX = "Attributes"
+
+
+def structured_lines_document(rng: random.Random, scenes: list[Scene]) -> str:
+    """Text-only LM pretraining: lines that repeat one structure (a prefix, then attributes in a fixed order).
+
+    The frozen LM must have seen such documents to carry a new format from the shots to the answer.
+    Prefixes are random capitalised non-words, so what is learned is to copy whatever prefix and order
+    the document uses; the held-out prefix itself never appears.
+    """
+    prefix = nonce_word(rng).capitalize()
+    order = rng.sample(STRUCTURED_ATTRIBUTES, k=rng.choice((2, 3, 3)))
+    sep = rng.choice((" ", " ", ", "))
+    rows = [[getattr(s, a) for a in order] for s in scenes]
+    return "\n".join(f"{prefix}: " + sep.join(row) for row in rows if None not in row)
+
+
+def naming_text_document(rng: random.Random, scenes: list[Scene]) -> str:
+    """Text-only LM pretraining: fresh nonce words bound to shapes or colours within the document."""
+    attribute = rng.choice(("shape", "colour"))
+    values = sorted({getattr(s, attribute) for s in scenes})
+    names = dict(zip(values, nonce_words(rng, len(values))))
+    if rng.random() < 0.5:
+        return " ".join(f"the {getattr(s, attribute)} one is a {names[getattr(s, attribute)]}." for s in scenes)
+    return "\n".join(f"{s.colour} {s.shape}: {names[getattr(s, attribute)]}" for s in scenes)

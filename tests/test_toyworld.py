@@ -1,0 +1,108 @@
+"""The toy world generator: deterministic, and written in the formats real data comes in."""
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import av
+import pytest
+from PIL import Image
+
+from flamingo_vlm.toyworld import text as T
+from flamingo_vlm.toyworld.generate import WorldSizes, generate_world
+from flamingo_vlm.toyworld.world import SHAPES
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return generate_world(tmp_path_factory.mktemp("world"), seed=0, sizes=WorldSizes.tiny(), progress=False)
+
+
+def test_same_seed_same_bytes_other_seed_other_world(world, tmp_path):
+    again = generate_world(tmp_path / "again", seed=0, sizes=WorldSizes.tiny(), progress=False)
+    assert _digest(world) == _digest(again)
+    other = generate_world(tmp_path / "other", seed=1, sizes=WorldSizes.tiny(), progress=False)
+    assert _digest(other)["pairs/shard-00000.tar"] != _digest(world)["pairs/shard-00000.tar"]
+
+
+def _members(shard: Path) -> dict[str, dict[str, bytes]]:
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(shard) as tar:
+        for m in tar.getmembers():
+            key, ext = m.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return samples
+
+
+def test_pairs_are_webdataset_image_text(world):
+    samples = _members(world / "pairs" / "shard-00000.tar")
+    assert len(samples) == WorldSizes.tiny().shard_size
+    for sample in samples.values():
+        assert {"png", "txt", "json"} <= set(sample)
+        img = Image.open(io.BytesIO(sample["png"]))
+        assert img.size == (64, 64)
+        scene = json.loads(sample["json"])
+        assert scene["shape"] in sample["txt"].decode() or T.PLURALS[scene["shape"]] in sample["txt"].decode()
+
+
+def test_interleaved_documents_are_mmc4_and_bursty(world):
+    samples = _members(world / "interleaved" / "shard-00000.tar")
+    for sample in samples.values():
+        doc = json.loads(sample["json"])
+        assert {"text_list", "image_info", "similarity_matrix"} <= set(doc)
+        assert 2 <= len(doc["image_info"]) <= 5
+        chunks = []
+        for info in doc["image_info"]:
+            assert {"image_name", "matched_text_index", "matched_sim", "image_base64"} <= set(info)
+            chunks.append(doc["text_list"][info["matched_text_index"]])
+        # bursty: every chunk of a document is in the same format (same prefix before the first ':' or word)
+        heads = {c.split(":")[0] if ":" in c else " ".join(c.split()[:3]) for c in chunks}
+        assert len(heads) == 1, chunks
+        assert not any(c.startswith(T.HELDOUT_PREFIX) for c in doc["text_list"])
+
+
+def test_videos_decode_to_frames(world):
+    samples = _members(world / "videos" / "shard-00000.tar")
+    sample = next(iter(samples.values()))
+    with av.open(io.BytesIO(sample["mp4"])) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 8 and frames[0].shape == (64, 64, 3)
+    assert "moves" in sample["txt"].decode()
+
+
+def test_evaluation_sets_in_official_formats(world):
+    ev = world / "eval"
+    coco = json.loads((ev / "coco" / "dataset_coco.json").read_text())
+    splits = {im["split"] for im in coco["images"]}
+    assert splits == {"train", "test"}
+    assert all((ev / "coco" / "images" / im["filename"]).is_file() and im["sentences"][0]["raw"] for im in coco["images"])
+
+    questions = json.loads((ev / "vqa" / "v2_OpenEnded_mscoco_val2014_questions.json").read_text())["questions"]
+    annotations = json.loads((ev / "vqa" / "v2_mscoco_val2014_annotations.json").read_text())["annotations"]
+    assert [q["question_id"] for q in questions] == [a["question_id"] for a in annotations]
+    assert all(len(a["answers"]) == 10 for a in annotations)
+    assert all((ev / "vqa" / "images" / f"COCO_val2014_{q['image_id']:012d}.jpg").is_file() for q in questions)
+
+    classes = (ev / "classification" / "classnames.txt").read_text().split()
+    assert tuple(classes) == SHAPES
+    rows = [line.split() for line in (ev / "classification" / "val.txt").read_text().splitlines()]
+    assert all((ev / "classification" / path).is_file() and 0 <= int(label) < len(classes) for path, label in rows)
+
+    qa = json.loads((ev / "videoqa" / "test_qa.json").read_text())
+    assert all((ev / "videoqa" / "videos" / f"{row['video']}.mp4").is_file() and row["answer"] for row in qa)
+
+    heldout = json.loads((ev / "heldout" / "scenes.json").read_text())
+    assert set(heldout) == {"support", "query"}
+    assert all((ev / "heldout" / row["image"]).is_file() for row in heldout["query"])
+
+
+def test_lm_corpus_never_contains_the_heldout_formats(world):
+    corpus = (world / "text" / "lm_corpus.txt").read_text()
+    assert T.HELDOUT_PREFIX + ":" not in corpus
+    assert not any(f" {w}." in corpus or f" {w}\n" in corpus for w in T.HELDOUT_NONCE_WORDS)
