@@ -86,6 +86,8 @@ class FlamingoProcessor:
             samples = self._interleaved(inputs)
         else:
             samples = self._placeholders(text, images)
+        if not samples or not any(s for s, _ in samples):
+            raise ValueError("nothing to process: the inputs hold no text and no media")
         strings = [s for s, _ in samples]
         media = [m for _, row in samples for m in row]
         enc = self.tokenizer(strings, padding=True, padding_side=padding_side, return_tensors="pt")
@@ -123,9 +125,16 @@ class FlamingoProcessor:
         if images is None:
             images = [[] for _ in texts]
         elif isinstance(text, str):
+            if not isinstance(images, (list, tuple)):
+                raise ValueError(f"images must be a list of the text's images, got a {type(images).__name__}")
             images = [images]
         if len(images) != len(texts):
             raise ValueError(f"got {len(texts)} texts but {len(images)} image lists")
+        for i, row in enumerate(images):
+            if not isinstance(row, (list, tuple)):
+                raise ValueError(
+                    f"with a list of texts, images must hold one list of images per text; images[{i}] is a {type(row).__name__}"
+                )
         return [(t, [self.media_tensor(m) for m in row]) for t, row in zip(texts, images)]
 
     def media_tensor(self, item: Any) -> torch.Tensor:

@@ -68,6 +68,8 @@ class FlamingoModel(nn.Module):
             activation=config.ff_activation,
         )
         _, layers = find_decoder_layers(lm, config.decoder_layers_attr)
+        if any(isinstance(layer, FlamingoDecoderLayer) for layer in layers):  # check before changing anything
+            raise ValueError("this LM is already a Flamingo LM (its decoder layers are wrapped): pass a fresh LM")
         blocks = {
             i: GatedCrossAttentionBlock(
                 dim=lm_hidden,

@@ -84,16 +84,34 @@ class PerceiverResampler(nn.Module):
         resized = F.interpolate(emb.T[None], size=num_frames, mode="linear", align_corners=True)
         return resized[0].T
 
+    def frame_time_embeddings(self, num_frames: int, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[M, T, d] per-frame embeddings for frame_mask [M, T] ([1, T, d] without a mask).
+
+        Each medium's real frames get the embeddings of its own length (its k-th real frame gets
+        ``time_embedding(n)[k]``), so padding frames never shift or rescale them, even past max_num_frames.
+        """
+        if frame_mask is None:
+            return self.time_embedding(num_frames)[None]
+        mask = frame_mask.bool()
+        counts = mask.sum(dim=1).clamp(min=1)  # real frames per medium [M]
+        rank = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # index of each frame among its medium's real frames
+        emb = self.time_embeddings.new_zeros(*mask.shape, self.time_embeddings.shape[1])
+        for n in counts.unique().tolist():
+            rows = counts == n
+            emb[rows] = self.time_embedding(n)[rank[rows].clamp(max=n - 1)]
+        return emb
+
     def forward(self, features: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """features [M, T, S, d] (+ frame_mask [M, T], True = real frame) -> [M, num_latents, d]."""
         if features.ndim != 4:
             raise ValueError(f"resampler expects features [media, frames, positions, dim], got shape {tuple(features.shape)}")
         m, t, s, _ = features.shape
-        x = features + self.time_embedding(t).to(features.dtype)[None, :, None, :]
+        if frame_mask is not None and frame_mask.shape != (m, t):
+            raise ValueError(f"frame_mask must have shape {(m, t)}, got {tuple(frame_mask.shape)}")
+        x = features + self.frame_time_embeddings(t, frame_mask).to(features.dtype)[:, :, None, :]
         x = rearrange(x, "m t s d -> m (t s) d")
         key_mask = None
         if frame_mask is not None:
-            if frame_mask.shape != (m, t):
-                raise ValueError(f"frame_mask must have shape {(m, t)}, got {tuple(frame_mask.shape)}")
             media_mask = frame_mask.bool().repeat_interleave(s, dim=1)  # [M, T*S]
             key_mask = torch.cat([media_mask, media_mask.new_ones(m, self.num_latents)], dim=1)
         latents = self.latents.to(x.dtype).expand(m, -1, -1)

@@ -202,7 +202,13 @@ def _load_timm(name_or_path, vision_type: str, feature_layer: int, pretrained: b
         raise ImportError("the timm vision encoder needs `pip install flamingo-vlm[timm]`") from e
     model = timm.create_model(name_or_path, pretrained=pretrained, num_classes=0, **kwargs)
     cfg = timm.data.resolve_data_config({}, model=model)
-    transform = ImageTransform(int(cfg["input_size"][-1]), tuple(cfg["mean"]), tuple(cfg["std"]))
+    size = cfg["input_size"][-1]
+    # The pretrained config keeps its input size when the model is built for another one (img_size=...):
+    # a fixed-size patch embedding knows the size the model really takes.
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:
+        size = img_size[-1] if isinstance(img_size, (tuple, list)) else img_size
+    transform = ImageTransform(int(size), tuple(cfg["mean"]), tuple(cfg["std"]))
     return TimmVisionEncoder(model, transform, name_or_path=str(name_or_path))
 
 
