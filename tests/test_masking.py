@@ -149,27 +149,25 @@ def test_tokens_before_any_image_get_zero_cross_attention():
     assert x[0, pos:].abs().amax(-1).min() > 0
 
 
-def test_immediate_mode_other_image_tokens_unaffected():
-    """Changing image 1 leaves the cross-attention output of tokens that see image 2 untouched."""
-    model, processor = build("opt")
+def _swap_first_of_two_images(model, processor):
+    """Cross-attention outputs of a two-image prompt, and of it with image 1 changed; and image 2's position."""
     open_gates(model)
     a = processor([image(RED), "Output: red.<|endofchunk|>", image(BLUE), "Output: blue"], padding_side="right")
     b = processor([image(GREEN), "Output: red.<|endofchunk|>", image(BLUE), "Output: blue"], padding_side="right")
     xa, _ = _xattn_outputs(model, a)
     xb, _ = _xattn_outputs(model, b)
-    second = int((a["input_ids"][0] == model.config.media_token_id).nonzero()[1])
+    return xa, xb, int((a["input_ids"][0] == model.config.media_token_id).nonzero()[1])
+
+
+def test_immediate_mode_other_image_tokens_unaffected():
+    """Changing image 1 leaves the cross-attention output of tokens that see image 2 untouched."""
+    xa, xb, second = _swap_first_of_two_images(*build("opt"))
     assert torch.equal(xa[0, second:], xb[0, second:])
     assert not torch.equal(xa[0, :second], xb[0, :second])
 
 
 def test_all_previous_images_mode():
-    model, processor = build("llama", media_attention="all")
-    open_gates(model)
-    a = processor([image(RED), "Output: red.<|endofchunk|>", image(BLUE), "Output: blue"], padding_side="right")
-    b = processor([image(GREEN), "Output: red.<|endofchunk|>", image(BLUE), "Output: blue"], padding_side="right")
-    xa, _ = _xattn_outputs(model, a)
-    xb, _ = _xattn_outputs(model, b)
-    second = int((a["input_ids"][0] == model.config.media_token_id).nonzero()[1])
+    xa, xb, second = _swap_first_of_two_images(*build("llama", media_attention="all"))
     # tokens after image 2 still see image 1 in this mode
     assert (xa[0, second:] - xb[0, second:]).abs().amax(-1).min() > 0
 
