@@ -1,0 +1,94 @@
+"""``flamingo train CONFIG [key=value ...]``: build the model the config names and train it.
+
+    flamingo train configs/train/flamingo-3b.yaml steps=1000 datasets.0.batch_size=32
+    torchrun --nproc-per-node 8 -m flamingo_vlm.training.cli configs/train/flamingo-9b.yaml --resume
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_model(config):
+    """(model, processor) for a TrainConfig: a new bridge on ``lm`` + ``vision`` (seeded by ``seed``, so
+    every process builds the same one), or the bridge saved in ``init_from``."""
+    import torch
+
+    from .. import build_flamingo, load_flamingo
+
+    torch.manual_seed(config.seed)
+    if config.init_from:
+        return load_flamingo(config.init_from, lm=config.lm, vision=config.vision, tokenizer=config.tokenizer,
+                             lm_kwargs=config.lm_kwargs or None, vision_kwargs=config.vision_kwargs or None)
+    if not config.lm or not config.vision:
+        raise ValueError("the config must name `lm` and `vision` backbones (or `init_from`, a saved Flamingo model)")
+    return build_flamingo(config.lm, config.vision, config.tokenizer, lm_kwargs=config.lm_kwargs or None,
+                          vision_kwargs=config.vision_kwargs or None, **config.flamingo)
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``train`` command to a ``flamingo`` argparse subparsers object."""
+    p = subparsers.add_parser("train", help="train a Flamingo bridge on a dataset mixture from a YAML config (see docs/training.md)")
+    _add_arguments(p)
+    p.set_defaults(func=run_train_cli)
+    return p
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML file: datasets, steps, lr, backbones, ... (see docs/training.md)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="override config keys, e.g. steps=100 datasets.0.batch_size=8 (right after CONFIG, or with --set)")
+    p.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--output-dir", default=None)
+    p.add_argument("--resume", action="store_true", default=None, help="continue from the latest checkpoint in output_dir (if any)")
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="start over even if the config says resume")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_train_cli(args: argparse.Namespace) -> int:
+    """``flamingo train``: load the config (+ overrides), build the model, train, report."""
+    import torch.distributed as dist
+
+    from .config import load_train_config
+    from .loop import train
+
+    overrides = list(args.overrides or []) + list(getattr(args, "set_overrides", None) or [])
+    if args.steps is not None:
+        overrides.append(f"steps={args.steps}")
+    if args.output_dir is not None:
+        overrides.append(f"output_dir={args.output_dir}")
+    if args.resume is not None:
+        overrides.append(f"resume={str(args.resume).lower()}")
+    config = load_train_config(args.config, overrides)
+    owns_process_group = not dist.is_initialized()  # train() joins torchrun's group; this command ends it
+    try:
+        model, processor = build_model(config)
+        result = train(model, processor, config, progress=not args.no_progress)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            if result.history:
+                last = result.history[-1]
+                print(f"step {last['step']}: loss {last['loss']:.4f}")
+            if result.final_dir:
+                print(f"model: {result.final_dir}")
+    finally:
+        if owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for ``python -m flamingo_vlm.training.cli`` (what torchrun launches)."""
+    parser = argparse.ArgumentParser(prog="flamingo train", description="Train a Flamingo bridge.")
+    _add_arguments(parser)
+    args = parser.parse_intermixed_args(argv)  # KEY=VALUE overrides may come before or after the flags
+    try:
+        return run_train_cli(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"flamingo train: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""Training configuration: dataclasses, YAML loading and ``key.path=value`` overrides.
+
+    datasets:                          # the mixture (paper section 2.4)
+      - {name: m3w, format: mmc4, paths: ["mmc4/{00000..00999}.tar"], batch_size: 256, loss_weight: 1.0}
+      - {name: laion, format: pairs, paths: ["laion/*.tar"], batch_size: 512, loss_weight: 0.2}
+    steps: 500000
+    lr: 1.0e-4
+    warmup_steps: 5000
+    lm: meta-llama/Llama-3.2-1B        # backbones, and FlamingoConfig overrides for the bridge
+    vision: openai/clip-vit-large-patch14
+    flamingo: {cross_attn_every_n_layers: 4}
+
+Unknown keys are errors that name the key (and the closest known one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from ..config import FlamingoConfig
+
+# FlamingoConfig fields that the builder fills in; a config may not set them.
+_DERIVED_FLAMINGO_KEYS = {
+    "lm_name_or_path", "vision_name_or_path", "new_token_ids", "media_token_id", "end_of_chunk_token_id", "pad_token_id",
+    "eos_token_id", "lm_hidden_size", "vision_hidden_size",
+}
+
+
+@dataclass
+class DatasetConfig:
+    """One dataset of the mixture.
+
+    name: used in logs (``loss/<name>``) and checkpoints. format: pairs | mmc4 | obelics | video.
+    paths: files, globs, brace ranges (``shard-{0000..0099}.tar``), directories or URLs.
+    batch_size: the *global* batch per optimizer step (all processes together), as in the paper.
+    loss_weight: the paper's lambda_m. micro_batch_size: samples per forward on each process
+    (gradient accumulation; default: the whole per-process batch).
+    max_tokens: sequence length (default 32 for pairs/video, 256 for documents).
+    max_images: images per document window. num_frames / video_fps: frames per clip and their rate
+    (None: spread over the whole clip; the paper samples 1 FPS). min_similarity: MMC4 image-text
+    similarity threshold. min_image_size / max_aspect_ratio: document image filter (paper: 64 px, 3).
+    p_next: probability per document that text attaches to the next image. image_dir: where MMC4
+    jsonl / OBELICS image files are. lanes: independent readers (see flamingo_vlm.data.stream); fix it
+    to keep the data order when the number of processes or workers changes.
+    """
+
+    name: str
+    format: Literal["pairs", "mmc4", "obelics", "video"]
+    paths: list[str]
+    batch_size: int
+    loss_weight: float = 1.0
+    max_tokens: int | None = None
+    max_images: int = 5
+    num_frames: int = 8
+    video_fps: float | None = None
+    min_similarity: float = 0.24
+    min_image_size: int = 64
+    max_aspect_ratio: float = 3.0
+    p_next: float = 0.0
+    image_dir: str | None = None
+    image_column: str = "images"
+    text_column: str = "texts"
+    micro_batch_size: int | None = None
+    lanes: int | None = None
+    shuffle: bool = True
+    shuffle_block: int = 256
+    num_workers: int | None = None
+
+    def __post_init__(self) -> None:
+        from ..data.mixture import FORMATS
+
+        where = f"dataset {self.name!r}"
+        if self.format not in FORMATS:
+            raise ValueError(f"{where}: format must be one of {FORMATS}, got {self.format!r}")
+        if isinstance(self.paths, (str, os.PathLike)):
+            self.paths = [str(self.paths)]
+        self.paths = [str(p) for p in self.paths]
+        if not self.paths:
+            raise ValueError(f"{where}: paths is empty")
+        for key in ("batch_size", "max_images", "num_frames", "shuffle_block"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{where}: {key} must be >= 1, got {getattr(self, key)}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"{where}: micro_batch_size must be >= 1")
+        if self.loss_weight < 0:
+            raise ValueError(f"{where}: loss_weight must be >= 0")
+        if not 0.0 <= self.p_next <= 1.0:
+            raise ValueError(f"{where}: p_next must be in [0, 1], got {self.p_next}")
+        if self.video_fps is not None and self.video_fps <= 0:
+            raise ValueError(f"{where}: video_fps must be > 0 (or null)")
+
+
+@dataclass
+class TrainConfig:
+    """A training run. Optimisation follows the paper (section 2.4, appendix A.2) by default, except
+    the learning rate schedule length (``steps``, ``warmup_steps``), which is the caller's."""
+
+    datasets: list[DatasetConfig]
+    steps: int = 1000
+    # optimisation
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0  # cosine: the final lr as a fraction of lr
+    weight_decay: float = 0.1  # on the xattn blocks' weight matrices; 0 on the resampler and embeddings
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0  # global norm, once per optimizer step; null/0 disables
+    mixture: Literal["accumulate", "round_robin"] = "accumulate"
+    # precision and speed
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast of the forward where the device supports it
+    frozen_dtype: Literal["fp32", "bf16"] | None = None  # store the frozen backbones in this dtype
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    compile_backend: str = "inductor"
+    # distribution: under torchrun, "fsdp" shards parameters (FSDP2), "ddp" replicates them
+    distributed: Literal["fsdp", "ddp"] = "fsdp"
+    device: str | None = None  # default: cuda:<local rank> if available, else cpu
+    # data loading
+    seed: int = 0
+    num_workers: int = 0  # DataLoader workers per dataset and process; 0 decodes in the training process
+    prefetch_factor: int = 2
+    data_root: str | None = None  # relative dataset paths / image_dir are taken from here
+    # outputs
+    output_dir: str = "runs/flamingo"
+    checkpoint_every: int = 1000  # 0: only at the end
+    keep_last: int = 3
+    save_final: bool = True  # write output_dir/final (save_pretrained layout + processor)
+    log_every: int = 10
+    tensorboard: bool = False
+    nan_policy: Literal["skip", "stop"] = "skip"
+    resume: bool | str = False  # True: from the latest checkpoint in output_dir (if any); or a checkpoint path
+    # the model, for `flamingo train CONFIG` (train() itself takes a built model)
+    lm: str | None = None
+    vision: str | None = None
+    tokenizer: str | None = None
+    init_from: str | None = None  # a save_pretrained directory to start the bridge from
+    flamingo: dict[str, Any] = field(default_factory=dict)  # FlamingoConfig overrides
+    lm_kwargs: dict[str, Any] = field(default_factory=dict)
+    vision_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.datasets = [d if isinstance(d, DatasetConfig) else _build(DatasetConfig, d, f"datasets[{i}]") for i, d in enumerate(self.datasets)]
+        if not self.datasets:
+            raise ValueError("datasets is empty: a run needs at least one dataset")
+        names = [d.name for d in self.datasets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"dataset names must be unique, got {names}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for key in ("warmup_steps", "checkpoint_every", "keep_last", "num_workers"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.log_every < 1:
+            raise ValueError("log_every must be >= 1")
+        checks = {
+            "schedule": ("constant", "cosine"), "mixture": ("accumulate", "round_robin"), "precision": ("fp32", "bf16"),
+            "frozen_dtype": ("fp32", "bf16", None), "distributed": ("fsdp", "ddp"), "nan_policy": ("skip", "stop"),
+        }
+        for key, allowed in checks.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        unknown = sorted(set(self.flamingo) - {f.name for f in dataclasses.fields(FlamingoConfig)})
+        derived = sorted(set(self.flamingo) & _DERIVED_FLAMINGO_KEYS)
+        if unknown:
+            raise ValueError(f"unknown key(s) in `flamingo` (FlamingoConfig): {', '.join(_with_hint(k, FlamingoConfig) for k in unknown)}")
+        if derived:
+            raise ValueError(f"`flamingo` sets {derived}, which the builder fills in from the backbones")
+        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _with_hint(key: str, cls: type) -> str:
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, names, n=1)
+    return f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Make a YAML / override value fit a field type (``1e-4`` is a string in YAML 1.1, for one)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except (TypeError, ValueError):
+                continue
+        raise ValueError(f"{where}: cannot use {value!r} as {hint}")
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ValueError(f"{where} must be one of {typing.get_args(hint)}, got {value!r}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ValueError(f"{where} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"{where} must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where} must be an integer, got {value!r}") from e
+    if hint is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{where} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where} must be a number, got {value!r}") from e
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"{where} must be a string, got {value!r}")
+        return str(value)
+    if origin in (list, tuple, Sequence):
+        if isinstance(value, (str, os.PathLike)) and origin is list:
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where} must be a list, got {value!r}")
+        args = typing.get_args(hint)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ValueError(f"{where} must have {len(args)} items, got {value!r}")
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        return [v if item is Any or dataclasses.is_dataclass(item) else _coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def _build(cls: type, data: Any, where: str):
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping of {cls.__name__} keys, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ValueError(
+            f"{where + ': ' if where else ''}unknown {cls.__name__} key(s) {', '.join(_with_hint(k, cls) for k in unknown)}; "
+            f"known keys: {', '.join(sorted(fields))}"
+        )
+    required = [name for name, f in fields.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ValueError(f"{where + ': ' if where else ''}missing required {cls.__name__} key(s) {missing}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items() if k != "datasets"}
+    if "datasets" in data:
+        datasets = data["datasets"]
+        if not isinstance(datasets, list):
+            raise ValueError("datasets must be a list of dataset mappings")
+        kwargs["datasets"] = [d if isinstance(d, DatasetConfig) else _build(DatasetConfig, d, f"datasets[{i}]") for i, d in enumerate(datasets)]
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"datasets.0.batch_size=4"`` -> (["datasets", "0", "batch_size"], 4); the value is read as YAML."""
+    import yaml
+
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like key=value (e.g. steps=100 or datasets.0.batch_size=4)")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ValueError(f"override {text!r} has no key")
+    return path, yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_override(data: dict, path: list[str], value: Any) -> None:
+    node: Any = data
+    for i, part in enumerate(path[:-1]):
+        where = ".".join(path[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ValueError(f"override {'.'.join(path)}: {where} is not an index of a list of {len(node)}")
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise ValueError(f"override {'.'.join(path)}: {where} is not a mapping or list")
+    last = path[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ValueError(f"override {'.'.join(path)}: {last} is not an index of a list of {len(node)}")
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ValueError(f"override {'.'.join(path)}: cannot set a key on {type(node).__name__}")
+
+
+def load_train_config(path_or_dict: str | os.PathLike | dict, overrides: Sequence[str] | None = None) -> TrainConfig:
+    """A :class:`TrainConfig` from a YAML file (or a dict), with ``key.path=value`` overrides applied.
+
+    ValueError names any key that TrainConfig / DatasetConfig / FlamingoConfig does not have.
+    """
+    import copy
+
+    import yaml
+
+    if isinstance(path_or_dict, dict):
+        data = copy.deepcopy(path_or_dict)
+    else:
+        path = Path(path_or_dict)
+        if not path.is_file():
+            raise FileNotFoundError(f"train config not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a train config must be a mapping of keys (datasets, steps, ...)")
+    for text in overrides or []:
+        apply_override(data, *parse_override(text))
+    if "datasets" not in data:
+        raise ValueError("the config has no `datasets`")
+    return _build(TrainConfig, data, "")

@@ -1,0 +1,232 @@
+"""Processes, devices and model preparation: frozen dtype, activation checkpointing, torch.compile,
+and FSDP2 (``fully_shard``), all applied in this one place.
+
+FSDP2 units: each wrapped LM decoder layer (its gated xattn block together with the frozen layer: the
+block's ``media_kv`` is called as a method, so it must live in the layer's unit), each vision encoder
+layer, the resampler, and the root (embeddings with their new token rows, LM head, final norms).
+Frozen parameters are sharded too but never get gradients: autograd only computes the input
+gradients that carry the signal back to earlier xattn blocks. ``distributed: ddp`` uses the same
+units on a (world, 1) mesh: parameters replicated, gradients all-reduced, as DDP does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..modeling.lm import FlamingoDecoderLayer, find_decoder_layers
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class DistEnv:
+    """This process's place in the run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over processes, in place (float64 on the collective's device, so counts stay exact)."""
+        if self.distributed:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: Any) -> Any:
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def init_distributed(device: str | None = None) -> DistEnv:
+    """Join the torchrun process group when there is one (WORLD_SIZE > 1), else run as one process.
+
+    Backend: NCCL on CUDA, gloo on CPU (so CI can run 2 CPU processes). Multi-node needs nothing here:
+    torchrun's rendezvous flags (--nnodes, --node-rank, --rdzv-endpoint, ...) set the environment.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+    if device is None or str(device) == "cuda":  # one GPU per process: the local rank's
+        device = f"cuda:{local_rank}" if use_cuda else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(minutes=30), **({"device_id": dev} if dev.type == "cuda" else {}))
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def autocast_context(precision: str, device: torch.device):
+    """bf16 autocast of the forward where the device supports it; a no-op context for fp32."""
+    import contextlib
+
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        logger.warning("bf16 is not supported on this GPU: training in fp32")
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store every frozen parameter in ``dtype`` (the paper keeps frozen weights in bf16); trained
+    parameters (and so the optimizer state) stay fp32. Buffers (e.g. rotary tables) are left alone."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+
+
+def decoder_layers(model) -> list[FlamingoDecoderLayer]:
+    _, layers = find_decoder_layers(model.lm, model.decoder_layers_attr)
+    return [layer for layer in layers if isinstance(layer, FlamingoDecoderLayer)]
+
+
+def apply_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer (gated xattn block + frozen LM layer) in the backward pass.
+
+    The layer's ``forward`` is replaced on the instance by a non-reentrant ``torch.utils.checkpoint`` of
+    itself, so module names, ``isinstance`` checks and saved weights are unchanged (a CheckpointWrapper
+    would rename every parameter). Must run before FSDP so recomputation happens inside the unit.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in decoder_layers(model):
+        if getattr(layer, "_flamingo_checkpointed", False):
+            continue
+        inner = layer.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = forward
+        layer._flamingo_checkpointed = True
+
+
+def apply_compile(model, backend: str = "inductor") -> None:
+    """``torch.compile`` the dense per-layer work: every frozen LM layer, the resampler's layers and the
+    xattn feed-forwards (compiled in place: names unchanged). The routed cross-attention is data-
+    dependent (tokens grouped per image) and stays eager."""
+    for layer in decoder_layers(model):
+        layer.decoder_layer.compile(backend=backend, dynamic=True)
+        if layer.gated_xattn is not None:
+            layer.gated_xattn.ff.compile(backend=backend, dynamic=True)
+    for attn, ff in model.resampler.layers:
+        attn.compile(backend=backend, dynamic=True)
+        ff.compile(backend=backend, dynamic=True)
+
+
+def _vision_blocks(encoder: nn.Module) -> list[nn.Module]:
+    """The vision encoder's longest ModuleList of one layer type (its transformer blocks), if any."""
+    best: list[nn.Module] = []
+    for module in encoder.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > len(best) and len({type(m) for m in module}) == 1:
+            best = list(module)
+    return best
+
+
+def shard_model(model, env: DistEnv, strategy: str = "fsdp") -> None:
+    """Apply FSDP2 ``fully_shard`` to the model (see the module docstring for the units)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if strategy == "fsdp":
+        mesh = init_device_mesh(env.device.type, (env.world_size,))
+    elif strategy == "ddp":  # HSDP with shards of one: every parameter replicated, gradients all-reduced
+        mesh = init_device_mesh(env.device.type, (env.world_size, 1), mesh_dim_names=("replicate", "shard"))
+    else:
+        raise ValueError(f"distributed must be 'fsdp' or 'ddp', got {strategy!r}")
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    for block in _vision_blocks(model.vision_encoder):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model.resampler, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def set_gradient_sync(model, enabled: bool) -> None:
+    """FSDP2: skip (False) or do (True) the gradient reduce-scatter/all-reduce of the next backward.
+    Micro-steps before the last accumulate local unsharded gradients; the last one reduces their sum."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)
+
+
+def prepare_model(model, config, env: DistEnv):
+    """Frozen dtype, activation checkpointing, compile, then FSDP2 (several processes) or a device move."""
+    if config.frozen_dtype is not None:
+        cast_frozen(model, DTYPES[config.frozen_dtype])
+    if config.gradient_checkpointing:
+        apply_activation_checkpointing(model)
+    if config.compile:
+        apply_compile(model, config.compile_backend)
+    if env.distributed:
+        shard_model(model, env, config.distributed)
+    else:
+        model.to(env.device)
+    return model
+
+
+# ---- full tensors from (possibly) sharded ones ---------------------------------------------------
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on every process (a collective for DTensors: call it on all ranks, same order)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def copy_full_into(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a whole tensor into ``target``, or into this process's shard of it when it is a DTensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    with torch.no_grad():
+        if isinstance(target, DTensor):
+            local = distribute_tensor(full.to(target.device, target.dtype), target.device_mesh, target.placements, src_data_rank=None)
+            target.to_local().copy_(local.to_local())
+        else:
+            target.copy_(full.to(target.device, target.dtype))
+
+
+def shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A whole tensor laid out like ``param`` (a DTensor shard of it when ``param`` is one)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+    return full.to(param.device)

@@ -1,0 +1,279 @@
+"""``train``: the Flamingo objective on a dataset mixture, from one CPU process to many GPUs.
+
+Each optimizer step (paper section 2.4):
+
+1. take this rank's share of one global batch of every dataset (``accumulate``) or of one dataset
+   (``round_robin``), split into micro-batches;
+2. one small all-reduce of the number of target tokens per dataset, so every process normalises by
+   the *global* count: the step's loss is sum_d lambda_d * (sum of token NLL of d) / (targets of d),
+   exactly what one process would compute on the whole global batch;
+3. forward/backward per micro-batch with that weight; the gradient reduction runs once, in the last
+   backward (FSDP2 ``set_requires_gradient_sync``), never per micro-step;
+4. global-norm clipping once, a NaN/inf check (skip or stop), AdamW, the schedule;
+5. metrics (one all-reduce), logging, and an atomic checkpoint every ``checkpoint_every`` steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..data.labels import IGNORE_INDEX, collate
+from ..data.mixture import COUNT_KEYS, Mixture
+from ..data.samples import Sample
+from .checkpoint import CHECKPOINTS_DIR, latest_checkpoint, load_checkpoint, save_checkpoint, save_final
+from .config import TrainConfig, load_train_config
+from .distributed import DistEnv, autocast_context, full_tensor, init_distributed, prepare_model, set_gradient_sync
+from .metrics import MetricsLogger
+from .optim import build_optimizer, build_scheduler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """history: one dict per optimizer step run by this call (step, loss, loss/<name>, lr, grad_norm,
+    tokens, tokens_per_s, skipped/<name>, skips, skipped_step). checkpoint_dir: the last checkpoint
+    written; final_dir: the final model (save_pretrained layout + processor), if saved."""
+
+    history: list[dict] = field(default_factory=list)
+    checkpoint_dir: str | None = None
+    final_dir: str | None = None
+    start_step: int = 0
+
+
+@dataclass
+class DatasetBatch:
+    """One dataset's part of a step on this rank: its micro-batches and its loss normalisation."""
+
+    index: int
+    weight: float
+    micro: list[dict]
+    num_targets: int  # target tokens of this dataset's *global* batch this step
+
+
+def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token NLL: logits [B, L, V] predict labels [B, L] shifted by one; -100 ignored."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def micro_batches(samples: list[Sample], size: int | None, *, pad_token_id: int, media_token_id: int) -> list[dict]:
+    size = size or len(samples)
+    return [collate(samples[i : i + size], pad_token_id=pad_token_id, media_token_id=media_token_id) for i in range(0, len(samples), size)]
+
+
+def forward_backward(model, parts: list[DatasetBatch], *, device: torch.device, precision: str = "fp32", world_size: int = 1) -> torch.Tensor:
+    """Accumulate the step's gradient: sum_d weight_d * grad(sum NLL_d) / num_targets_d.
+
+    Gradients are scaled by ``world_size`` because the data-parallel reduction averages over processes
+    while the objective sums them. Returns this rank's NLL sum per part [len(parts)] (detached).
+    """
+    total = sum(len(p.micro) for p in parts)
+    done = 0
+    sums = []
+    for part in parts:
+        nll_sum = torch.zeros((), device=device)
+        scale = part.weight * world_size / max(part.num_targets, 1)
+        for batch in part.micro:
+            done += 1
+            set_gradient_sync(model, done == total)  # one reduction per step, in the last backward
+            inputs = {k: batch[k].to(device, non_blocking=True) if torch.is_tensor(batch[k]) else batch[k]
+                      for k in ("input_ids", "attention_mask", "pixel_values", "frame_mask")}
+            with autocast_context(precision, device):
+                logits = model(**inputs).logits
+            nll = token_nll_sum(logits, batch["labels"].to(device, non_blocking=True))
+            (nll * scale).backward()
+            nll_sum += nll.detach()
+        sums.append(nll_sum)
+    return torch.stack(sums) if sums else torch.zeros(0, device=device)
+
+
+def take_step_batches(mixture: Mixture, step: int, config: TrainConfig, env: DistEnv) -> list[DatasetBatch]:
+    """This rank's micro-batches of every dataset the step uses, each normalised by its *global* target
+    count (one all-reduce), so that N processes compute exactly what one process would."""
+    parts = [
+        DatasetBatch(d, config.datasets[d].loss_weight,
+                     micro_batches(samples, config.datasets[d].micro_batch_size, pad_token_id=mixture.pad_token_id,
+                                   media_token_id=mixture.media_token_id), 0)
+        for d, samples in mixture.next_samples(step)
+    ]
+    targets = torch.tensor([float(sum(b["num_targets"] for b in p.micro)) for p in parts], dtype=torch.float64, device=env.device)
+    for p, n in zip(parts, env.all_reduce_sum(targets).tolist()):
+        p.num_targets = int(n)
+    return parts
+
+
+def reduce_step_stats(nll: torch.Tensor, parts: list[DatasetBatch], mixture: Mixture, env: DistEnv) -> tuple[dict[int, float], int, list[dict[str, int]]]:
+    """One all-reduce for the step's metrics: (mean token loss per dataset index, tokens of the global
+    batch, skip/drop counts so far per dataset)."""
+    tokens = [float(sum(b["num_tokens"] for b in p.micro)) for p in parts]
+    counts = mixture.counts()
+    stats = torch.cat([
+        nll.double(),
+        torch.tensor(tokens, dtype=torch.float64, device=env.device),
+        torch.tensor([float(c.get(k, 0)) for c in counts for k in COUNT_KEYS], dtype=torch.float64, device=env.device),
+    ])
+    values = env.all_reduce_sum(stats).tolist()
+    k = len(parts)
+    losses = {p.index: values[i] / max(p.num_targets, 1) for i, p in enumerate(parts)}
+    flat = values[2 * k :]
+    n = len(COUNT_KEYS)
+    global_counts = [{key: int(flat[d * n + j]) for j, key in enumerate(COUNT_KEYS)} for d in range(len(counts))]
+    return losses, int(sum(values[k : 2 * k])), global_counts
+
+
+def non_finite_report(step: int, loss: float, losses: dict[int, float], grad_norm: float, parts: list[DatasetBatch], names: list[str]) -> str:
+    """Which step, dataset and samples gave a NaN/inf loss or gradient."""
+    bad = [names[p.index] for p in parts if not math.isfinite(losses[p.index])] or ["(gradient)"]
+    keys = [key for p in parts if names[p.index] in bad or bad == ["(gradient)"] for b in p.micro for key in b["keys"]]
+    per_dataset = {names[d]: v for d, v in losses.items()}
+    return (f"step {step}: non-finite loss {loss} (per dataset: {per_dataset}, grad norm {grad_norm}) in {', '.join(bad)}; "
+            f"batch: {keys[:8]}{' ...' if len(keys) > 8 else ''}")
+
+
+def resolve_resume(config: TrainConfig) -> Path | None:
+    """The checkpoint to resume from: ``resume: true`` -> the latest one in output_dir (None if there is
+    none yet: a fresh start), or an explicit checkpoint path."""
+    if config.resume is False or config.resume is None:
+        return None
+    if config.resume is True:
+        return latest_checkpoint(config.output_dir)
+    path = Path(str(config.resume))
+    if (path / "trainer_state.json").is_file():
+        return path
+    latest = latest_checkpoint(path)  # an output_dir was given
+    if latest is None:
+        raise FileNotFoundError(f"resume={config.resume!r}: neither a checkpoint nor a directory holding checkpoints")
+    return latest
+
+
+def _merge_data_states(states: list[dict]) -> dict:
+    merged: dict[str, Any] = {}
+    for state in states:
+        for name, s in state.items():
+            entry = merged.setdefault(name, {"lanes": s["lanes"], "states": {}})
+            entry["states"].update(s["states"])
+    return merged
+
+
+def _describe_counts(names: list[str], counts: list[dict[str, int]]) -> str:
+    parts = []
+    for name, c in zip(names, counts):
+        detail = ", ".join(f"{k}={v}" for k, v in c.items() if k != "skipped_records" and v)
+        if detail:
+            parts.append(f"{name}: {c.get('skipped_records', 0)} records skipped ({detail})")
+    return "; ".join(parts)
+
+
+def train(
+    model,
+    processor,
+    config: TrainConfig | dict | str | os.PathLike,
+    progress: bool = True,
+    callback: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Train the bridge of ``model`` (a FlamingoModel) on ``config.datasets``.
+
+    Works in one plain process and under ``torchrun`` (FSDP2 over the processes). ``callback(record)``
+    runs after each optimizer step (after its checkpoint, if any). The model is trained in place; under
+    FSDP2 it stays sharded, and ``final_dir`` holds the whole trained weights.
+    """
+    if not isinstance(config, TrainConfig):
+        config = load_train_config(config)
+    env = init_distributed(config.device)
+    torch.manual_seed(config.seed)
+    output_dir = Path(config.output_dir)
+    if env.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    found = resolve_resume(config) if env.is_main else None
+    resume_from = env.broadcast_object(str(found) if found else None)  # one decision for every process
+
+    prepare_model(model, config, env)
+    named = list(model.trainable_parameters())
+    params = [p for _, p in named]
+    optimizer = build_optimizer(named, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps)
+    scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=config.steps, kind=config.schedule, min_lr_ratio=config.min_lr_ratio)
+    trainer_state: dict = {}
+    if resume_from:
+        trainer_state = load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler, env=env)
+    start = int(trainer_state.get("step", 0))
+    result = TrainResult(checkpoint_dir=resume_from, start_step=start)
+    names = [d.name for d in config.datasets]
+    weights = [d.loss_weight for d in config.datasets]  # the paper's lambda_m
+
+    mixture = Mixture(
+        config.datasets, processor, strategy=config.mixture, seed=config.seed, rank=env.rank, world_size=env.world_size,
+        num_workers=config.num_workers, prefetch_factor=config.prefetch_factor, data_root=config.data_root,
+        state=trainer_state.get("data"),
+    )
+    log = MetricsLogger(output_dir, enabled=env.is_main, total_steps=config.steps, start_step=start, progress=progress,
+                        log_every=config.log_every, tensorboard=config.tensorboard)
+    if resume_from:
+        log.message(f"resumed from {resume_from} at step {start}")
+    elif config.resume:
+        log.message(f"no checkpoint in {output_dir / CHECKPOINTS_DIR}: starting from step 0")
+    if env.is_main and env.distributed:
+        log.message(f"{env.world_size} processes, {config.distributed} on {env.device.type}")
+    model.train()
+    last_counts = [dict(c) for c in trainer_state.get("counts", [{} for _ in names])]
+    try:
+        for step in range(start, config.steps):
+            t0 = time.perf_counter()
+            parts = take_step_batches(mixture, step, config, env)
+            nll = forward_backward(model, parts, device=env.device, precision=config.precision, world_size=env.world_size)
+            losses, tokens, counts = reduce_step_stats(nll, parts, mixture, env)
+            loss = sum(weights[d] * v for d, v in losses.items())
+            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, config.grad_clip or math.inf)).item()  # once per step
+            lr = optimizer.param_groups[0]["lr"]
+            finite = math.isfinite(loss) and math.isfinite(grad_norm)
+            if finite:
+                optimizer.step()
+            else:
+                text = non_finite_report(step + 1, loss, losses, grad_norm, parts, names)
+                if config.nan_policy == "stop":
+                    raise FloatingPointError(text + " (nan_policy: stop)")
+                logger.warning("%s; step skipped (nan_policy: skip)", text)
+                log.message(text + "; step skipped")
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+
+            elapsed = time.perf_counter() - t0
+            record: dict[str, Any] = {"step": step + 1, "loss": loss, **{f"loss/{names[d]}": v for d, v in losses.items()},
+                                      "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / max(elapsed, 1e-9),
+                                      "time_s": elapsed, **{f"skipped/{n}": c["skipped_records"] for n, c in zip(names, counts)},
+                                      "skips": {n: {k: v for k, v in c.items() if v} for n, c in zip(names, counts)},
+                                      "skipped_step": not finite}
+            result.history.append(record)
+            log.log(record)
+            if (step + 1) % config.log_every == 0 and counts != last_counts:
+                described = _describe_counts(names, counts)
+                if described:
+                    log.message(f"step {step + 1}: {described}")
+                last_counts = counts
+
+            if step + 1 == config.steps or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0):
+                data_state = _merge_data_states(env.gather_objects(mixture.state_dict()))
+                path = save_checkpoint(
+                    output_dir, step + 1, model=model, optimizer=optimizer, scheduler=scheduler, env=env, keep_last=config.keep_last,
+                    trainer_state={"data": data_state, "counts": counts, "config": config.to_dict(), "time": time.time()},
+                )
+                result.checkpoint_dir = str(path)
+            if callback is not None:
+                callback(record)
+        if config.save_final:
+            result.final_dir = str(save_final(model, processor, output_dir / "final", env))
+    finally:
+        mixture.close()
+        log.close()
+    return result
+
+
+__all__ = ["TrainResult", "train", "forward_backward", "token_nll_sum", "micro_batches", "resolve_resume", "CHECKPOINTS_DIR"]

@@ -1,0 +1,54 @@
+"""AdamW over the bridge and the learning-rate schedule (paper appendix A.2 / section 2.4).
+
+Weight decay 0.1 on the gated xattn blocks' weight matrices; none on the Perceiver Resampler (paper),
+the new token embeddings, and the blocks' LayerNorm parameters and tanh-gate scalars (decaying those
+would pull norms to zero and shut the gates). Learning rate: linear warm-up from 0, then constant
+(paper) or cosine to ``min_lr_ratio * lr``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def param_groups(named_params: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """AdamW groups from ``(flamingo name, parameter)`` pairs; each group keeps its ``names``."""
+    decay, no_decay = [], []
+    for name, p in named_params:
+        (decay if name.startswith("xattn.") and p.ndim >= 2 else no_decay).append((name, p))
+    groups = []
+    for members, wd in ((decay, weight_decay), (no_decay, 0.0)):
+        if members:
+            groups.append({"params": [p for _, p in members], "names": [n for n, _ in members], "weight_decay": wd})
+    return groups
+
+
+def build_optimizer(named_params: list[tuple[str, nn.Parameter]], *, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
+    if not named_params:
+        raise ValueError("the model has no trainable parameters")
+    return torch.optim.AdamW(param_groups(named_params, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
+
+
+class WarmupSchedule:
+    """lr multiplier for optimizer step ``t`` (0-based): (t+1)/warmup during warm-up, then 1 (constant)
+    or a cosine from 1 down to ``min_ratio`` at ``total`` steps. A class, not a lambda, so it pickles."""
+
+    def __init__(self, warmup: int, total: int, kind: str = "constant", min_ratio: float = 0.0) -> None:
+        if kind not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be 'constant' or 'cosine', got {kind!r}")
+        self.warmup, self.total, self.kind, self.min_ratio = warmup, total, kind, min_ratio
+
+    def __call__(self, t: int) -> float:
+        if t < self.warmup:
+            return (t + 1) / self.warmup
+        if self.kind == "constant":
+            return 1.0
+        progress = min(1.0, (t - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int, kind: str = "constant", min_lr_ratio: float = 0.0):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupSchedule(warmup_steps, total_steps, kind, min_lr_ratio))

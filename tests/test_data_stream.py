@@ -1,0 +1,130 @@
+"""Streaming: sharded per rank and per worker, the same global batches on any number of processes,
+exact resume from a lane position, and broken shards skipped and counted."""
+
+from __future__ import annotations
+
+import pytest
+
+from flamingo_vlm.data import DatasetStream, LaneState, PairsFormat, StreamSpec, TokenLayout, default_lanes
+from flamingo_vlm.data.mixture import Mixture
+from flamingo_vlm.training import DatasetConfig
+from train_fixtures import single_thread, pair_shards  # noqa: F401 (single_thread: a fixture)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def processor():
+    from helpers import build
+
+    return build("llama")[1]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return pair_shards(tmp_path_factory.mktemp("pairs"), num_shards=3, per_shard=6)
+
+
+def fmt(processor):
+    return PairsFormat(TokenLayout.from_processor(processor), processor.image_transform)
+
+
+def keys(samples):
+    return [s.key.rsplit("#", 1)[1] for s in samples]
+
+
+def global_batches(processor, shards, *, world_size, steps, lanes=2, batch_size=4, num_workers=0, states=None, seed=0):
+    """The global batch of each step as the ranks of a world_size run read it (rank order within slots)."""
+    spec = StreamSpec("pairs", tuple(shards), lanes=lanes, seed=seed, shuffle_block=4)
+    streams = [DatasetStream(spec, fmt(processor), batch_size=batch_size, rank=r, world_size=world_size, num_workers=num_workers, states=states)
+               for r in range(world_size)]
+    out = []
+    for _ in range(steps):
+        per_rank = [keys(s.next_samples()) for s in streams]
+        # slot i*lanes + l lives on rank l % world_size: interleave the ranks back into global order
+        merged = [None] * batch_size
+        for r, ks in enumerate(per_rank):
+            slots = [slot for slot in range(batch_size) if (slot % lanes) % world_size == r]
+            for slot, k in zip(slots, ks):
+                merged[slot] = k
+        out.append(merged)
+    states = {}
+    for s in streams:
+        states.update({lane: st for lane, st in s.states.items()})
+        s.close()
+    return out, states
+
+
+def test_global_batches_do_not_depend_on_the_number_of_processes_or_workers(processor, shards):
+    one, _ = global_batches(processor, shards, world_size=1, steps=6)
+    two, _ = global_batches(processor, shards, world_size=2, steps=6)
+    assert one == two
+    workers, _ = global_batches(processor, shards, world_size=1, steps=6, num_workers=2)
+    assert workers == one
+    # each rank reads only its own shards: lane l reads shards l, l + lanes, ...
+    assert {k[:5] for batch in two for k in batch[0::2]} == {"pairs"}
+    spec = StreamSpec("pairs", tuple(shards), lanes=2)
+    assert [u for u, _, _ in spec.lane_shards(0)] == [shards[0], shards[2]] and [u for u, _, _ in spec.lane_shards(1)] == [shards[1]]
+
+
+def test_each_lane_epoch_reads_every_record_once_in_a_shuffled_order(processor, shards):
+    batches, _ = global_batches(processor, shards, world_size=1, steps=6, lanes=1, batch_size=3)
+    seen = [k for b in batches for k in b]
+    assert sorted(seen) == sorted(f"pairs{i:05d}" for i in range(18))  # one epoch = 18 records
+    assert seen != sorted(seen)  # shuffled
+    other, _ = global_batches(processor, shards, world_size=1, steps=6, lanes=1, batch_size=3, seed=1)
+    assert [k for b in other for k in b] != seen  # the seed matters
+
+
+def test_resume_from_lane_states_continues_exactly(processor, shards):
+    straight, _ = global_batches(processor, shards, world_size=1, steps=9)
+    first, states = global_batches(processor, shards, world_size=1, steps=4)
+    assert first == straight[:4]
+    state_dicts = {lane: LaneState.from_dict(s.to_dict()) for lane, s in states.items()}  # through JSON-able dicts
+    rest, _ = global_batches(processor, shards, world_size=2, steps=5, states=state_dicts)  # and on 2 processes
+    assert rest == straight[4:]
+
+
+def test_fewer_shards_than_lanes_split_records_by_stride(processor, shards):
+    spec = StreamSpec("pairs", tuple(shards[:1]), lanes=4)
+    assert [spec.lane_shards(lane) for lane in range(4)] == [[(shards[0], 4, k)] for k in range(4)]
+    batches, _ = global_batches(processor, shards[:1], world_size=2, steps=3, lanes=2, batch_size=2)
+    seen = [k for b in batches for k in b]
+    assert sorted(seen) == [f"pairs{i:05d}" for i in range(6)]
+
+
+def test_broken_and_missing_shards_are_skipped_and_counted(processor, shards, tmp_path):
+    truncated = tmp_path / "truncated.tar"
+    data = open(shards[0], "rb").read()
+    truncated.write_bytes(data[: len(data) // 2 + 100])
+    missing = str(tmp_path / "missing.tar")
+    spec = StreamSpec("pairs", (str(truncated), missing, shards[1]), lanes=1, shuffle=False)
+    stream = DatasetStream(spec, fmt(processor), batch_size=4)
+    seen = []
+    for _ in range(4):
+        seen += keys(stream.next_samples())
+    counts = stream.counts()
+    assert counts["bad_shard"] >= 2  # the truncated shard and the missing one, each epoch
+    assert {k for k in seen} >= {f"pairs{i:05d}" for i in range(6, 12)}
+
+
+def test_default_lanes_split_a_rank_batch_evenly_among_workers():
+    assert default_lanes(12, 1, 0) == 1
+    assert default_lanes(12, 1, 4) == 4
+    assert default_lanes(4, 1, 3) == 2
+    assert default_lanes(8, 2, 2) == 4
+    with pytest.raises(ValueError, match="divisible"):
+        DatasetStream(StreamSpec("x", ("a",), lanes=2), None, batch_size=3, world_size=2)
+
+
+def test_mixture_strategies(processor, shards):
+    datasets = [DatasetConfig(name="a", format="pairs", paths=shards[:2], batch_size=2),
+                DatasetConfig(name="b", format="pairs", paths=shards[2:], batch_size=3)]  # different lengths
+    acc = Mixture(datasets, processor, strategy="accumulate")
+    rr = Mixture(datasets, processor, strategy="round_robin")
+    for step in range(8):  # "b" (6 records) wraps into new epochs while "a" (12) does not: no equal lengths needed
+        assert [(d, len(s)) for d, s in acc.next_samples(step)] == [(0, 2), (1, 3)]
+        assert [(d, len(s)) for d, s in rr.next_samples(step)] == [(step % 2, 2 if step % 2 == 0 else 3)]
+    assert acc.streams[1].states[0].epoch == 3 and acc.streams[0].states[0].epoch == 1
+    acc.close()
+    rr.close()
