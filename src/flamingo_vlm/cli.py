@@ -51,9 +51,30 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .toyworld.demo import run_demo
+
+    run_demo(args.out, quick=args.quick, seed=args.seed, cache_dir=args.cache_dir, progress=not args.no_progress)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .evaluation.cli import add_eval_parser
+    from .training.cli import add_train_parser
+
     parser = argparse.ArgumentParser(prog="flamingo", description="Flamingo visual language models on any Hugging Face LM.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="the whole pipeline on the built-in toy world (offline, CPU)")
+    demo.add_argument("--quick", action="store_true", help="a smaller world and a shorter run")
+    demo.add_argument("--out", default="flamingo-demo", help="where results.json, few_shot.png and the model go")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the bridge's training and the shot sampling")
+    demo.add_argument("--cache-dir", default=None, help="toy world + backbones cache (default ~/.cache/flamingo-vlm)")
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(func=cmd_demo)
+
+    add_train_parser(sub)
+    add_eval_parser(sub)
 
     gen = sub.add_parser("generate", help="generate text for an interleaved prompt")
     gen.add_argument("--model", required=True, help="a directory written by FlamingoModel.save_pretrained")

@@ -218,7 +218,8 @@ def _write_eval(rng: random.Random, root: Path, sizes: WorldSizes) -> dict:
     ho = root / "heldout"
     meta = {}
     for split, count in (("support", n_s), ("query", n_q)):
-        scenes = [sample_scene(rng, count=1) for _ in range(count)]  # one object: every attribute is defined
+        # one object, so every attribute is defined; colours in turn, so every colour has support images
+        scenes = [sample_scene(rng, count=1, colour=tuple(COLOURS)[i % len(COLOURS)]) for i in range(count)]
         names = _write_images(scenes, ho / "images", split)
         meta[split] = [{"image": f"images/{n}", **s.to_dict()} for n, s in zip(names, scenes)]
     (ho / "scenes.json").write_text(json.dumps(meta))

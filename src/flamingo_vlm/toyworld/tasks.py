@@ -113,7 +113,9 @@ class LabelMappingTask(Task):
         names = {value: words[0], other: words[1]}
         k = len(shots)
         pools = {v: [ex for ex in self.support() if ex.fields[key] == v] for v in (value, other)}
-        chosen = rng.sample(pools[value], k // 2) + rng.sample(pools[other], k - k // 2)
+        # sampled with replacement only when a pool is smaller than the shots asked for (tiny worlds)
+        draw = lambda pool, n: rng.sample(pool, n) if len(pool) >= n else rng.choices(pool, k=n)  # noqa: E731
+        chosen = draw(pools[value], k // 2) + draw(pools[other], k - k // 2)
         rng.shuffle(chosen)
 
         def bind(ex: Example) -> Example:

@@ -115,7 +115,7 @@ def document_style(rng: random.Random, fmt: str, attribute: str | None = None, v
     if fmt == "naming":  # words bound to the values of one attribute (shapes or colours) in this document
         return {"attribute": attribute, "names": dict(zip(values, nonce_words(rng, len(values))))}
     if fmt == "structured":  # a random non-word prefix, attributes in a random order
-        return {"prefix": nonce_word(rng).capitalize(), "order": rng.sample(STRUCTURED_ATTRIBUTES, k=rng.choice((1, 2, 3, 3)))}
+        return {"prefix": nonce_word(rng).capitalize(), "order": rng.sample(STRUCTURED_ATTRIBUTES, k=rng.choice((2, 3, 3, 3)))}
     return {}
 
 
@@ -130,7 +130,7 @@ def structured_lines_document(rng: random.Random, scenes: list[Scene]) -> str:
     the document uses; the held-out prefix itself never appears.
     """
     prefix = nonce_word(rng).capitalize()
-    order = rng.sample(STRUCTURED_ATTRIBUTES, k=rng.choice((2, 3, 3)))
+    order = rng.sample(STRUCTURED_ATTRIBUTES, k=rng.choice((2, 3, 3, 3)))
     sep = rng.choice((" ", " ", ", "))
     rows = [[getattr(s, a) for a in order] for s in scenes]
     return "\n".join(f"{prefix}: " + sep.join(row) for row in rows if None not in row)

@@ -1,0 +1,207 @@
+"""``flamingo demo``: the whole pipeline on the built-in toy world, offline, on a laptop CPU.
+
+1. build (or reuse from the cache) the toy world and its backbones: a tiny Llama-style LM and a tiny CLIP,
+   trained here and loaded back with ``from_pretrained``;
+2. train a Flamingo bridge on the mixture (interleaved documents + image-text pairs + video-text pairs)
+   through the training pipeline, backbones frozen;
+3. evaluate few-shot through the evaluation harness at 0, 4 and 8 shots: captioning (CIDEr), VQA,
+   classification, video QA, and two held-out tasks that only the shots can teach;
+4. print a table, write ``results.json`` and ``few_shot.png``, and show a few generations.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .. import build_flamingo
+from ..evaluation import Classification, CocoCaptioning, VideoQA, VQATask, evaluate, format_results_table
+from .cache import ensure_toyworld
+from .tasks import LabelMappingTask, NewFormatTask
+
+# The bridge trained by the demo (~0.7M parameters): small, so it trains in minutes on two cores.
+BRIDGE = dict(
+    resampler_depth=2, resampler_num_latents=16, resampler_heads=4, resampler_dim_head=32, resampler_ff_mult=2,
+    xattn_heads=4, xattn_dim_head=32, xattn_ff_mult=2, cross_attn_every_n_layers=1, max_num_frames=8,
+)
+
+
+@dataclass
+class DemoSettings:
+    steps: int = 1500
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    interleaved_batch: int = 12
+    pairs_batch: int = 12
+    video_batch: int = 4
+    shots: tuple[int, ...] = (0, 4, 8)
+    queries: int = 200  # per task (the held-out tasks need at least 200)
+    eval_batch_size: int = 32
+
+    @classmethod
+    def quick(cls) -> "DemoSettings":
+        return cls(steps=600, queries=60)
+
+    @classmethod
+    def tiny(cls) -> "DemoSettings":
+        """For tests: a few steps and queries, end to end."""
+        return cls(steps=6, warmup_steps=2, interleaved_batch=2, pairs_batch=2, video_batch=1, shots=(0, 2), queries=4, eval_batch_size=4)
+
+
+def toy_tasks(world: Path) -> list:
+    """The evaluation tasks, reading the toy world's files in the official benchmark formats."""
+    ev = world / "eval"
+    return [
+        CocoCaptioning("captioning", ev / "coco" / "dataset_coco.json", ev / "coco", split="test", support_split="train", num_beams=3),
+        VQATask(
+            "vqa", ev / "vqa" / "v2_OpenEnded_mscoco_val2014_questions.json", ev / "vqa" / "v2_mscoco_val2014_annotations.json",
+            ev / "vqa" / "images", ev / "vqa" / "v2_OpenEnded_mscoco_train2014_questions.json",
+            ev / "vqa" / "v2_mscoco_train2014_annotations.json",
+        ),
+        Classification(
+            "classification", ev / "classification" / "val.txt", ev / "classification" / "classnames.txt",
+            image_root=ev / "classification", support_list_file=ev / "classification" / "train.txt",
+            support_image_root=ev / "classification",
+        ),
+        VideoQA("video_qa", ev / "videoqa" / "test_qa.json", ev / "videoqa" / "videos", ev / "videoqa" / "train_qa.json"),
+        NewFormatTask("heldout_new_format", scenes_json=str(ev / "heldout" / "scenes.json")),
+        LabelMappingTask("heldout_label_mapping", scenes_json=str(ev / "heldout" / "scenes.json")),
+    ]
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def lm_text_loss(model, processor, texts: list[str]) -> tuple[float, float]:
+    """(Flamingo's, the bare LM's) mean token loss over the LM's own vocabulary on text-only inputs.
+
+    Both from their logits through the same loss function, so equal logits give bit-equal losses.
+    """
+    from ..modeling.flamingo import causal_lm_loss
+
+    enc = processor.tokenizer(texts, padding=True, padding_side="right", return_tensors="pt")
+    ids = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, processor.tokenizer.eos_token_id)
+    labels = ids.masked_fill(enc["attention_mask"] == 0, -100)
+    vocab = model.config.new_token_ids[0] if model.config.new_token_ids else None
+    with torch.no_grad():
+        logits = model(ids, enc["attention_mask"]).logits[..., :vocab]
+        ours = causal_lm_loss(logits, labels).item()
+        from transformers import AutoModelForCausalLM
+
+        bare = AutoModelForCausalLM.from_pretrained(model.config.lm_name_or_path).eval()
+        ref = causal_lm_loss(bare(input_ids=ids, attention_mask=enc["attention_mask"]).logits, labels).item()
+    return ours, ref
+
+
+def lm_is_unchanged(model) -> bool:
+    """Whether every frozen LM weight equals, bit for bit, the cached backbone on disk."""
+    from transformers import AutoModelForCausalLM
+
+    cached = AutoModelForCausalLM.from_pretrained(model.config.lm_name_or_path).state_dict()
+    ours = {k.replace(".decoder_layer.", ".").replace(".base.", "."): v for k, v in model.lm.state_dict().items()}
+    return all(torch.equal(v, ours[k]) for k, v in cached.items() if k in ours) and set(cached) <= set(ours)
+
+
+def plot_curves(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = [row for row in results["summary"]]
+    tasks = sorted({row["task"] for row in summary}, key=[r["task"] for r in summary].index)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.0), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        rows = sorted((r for r in summary if r["task"] == task), key=lambda r: r["shots"])
+        ax.errorbar([r["shots"] for r in rows], [r["mean"] for r in rows], yerr=[r.get("std") or 0 for r in rows], marker="o")
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel("shots")
+        ax.set_ylabel(rows[0]["metric"])
+        ax.set_xticks([r["shots"] for r in rows])
+        ax.grid(alpha=0.3)
+    fig.suptitle("Flamingo on the toy world: few-shot performance")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def examples_text(results: dict, k: int = 3) -> str:
+    lines = []
+    for run in results["runs"]:
+        if run["task"] in ("captioning", "vqa", "heldout_new_format") and run["shots"] == max(r["shots"] for r in results["runs"]):
+            lines.append(f"{run['task']} ({run['shots']}-shot):")
+            for rec in run["predictions"][:k]:
+                ref = rec["reference"]
+                ref = ref[0] if isinstance(ref, list) else ref
+                lines.append(f"  prediction: {rec['prediction']!r:45}  truth: {ref!r}")
+    return "\n".join(lines)
+
+
+def run_demo(out_dir: str | Path = "flamingo-demo", *, quick: bool = False, seed: int = 0, cache_dir: str | Path | None = None,
+             settings: DemoSettings | None = None, world_preset: str | None = None, progress: bool = True) -> dict:
+    """Run the whole demo; returns the results dict also written to ``out_dir/results.json``."""
+    from ..training import DatasetConfig, TrainConfig, train
+
+    _quiet_transformers()
+    start = time.time()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = settings or (DemoSettings.quick() if quick else DemoSettings())
+    paths = ensure_toyworld(cache_dir, preset=world_preset or ("quick" if quick else "full"), progress=progress)
+    world = paths["world"]
+    built = time.time()
+
+    torch.manual_seed(seed)
+    model, processor = build_flamingo(str(paths["lm"]), str(paths["clip"]), **BRIDGE)
+    corpus = (world / "text" / "lm_corpus.txt").read_text().split("\n\n")[:8]
+    init_loss, lm_loss = lm_text_loss(model, processor, corpus)
+    print(f"bridge: {sum(p.numel() for _, p in model.trainable_parameters()):,} trainable parameters; "
+          f"at initialisation the text loss is {init_loss:.6f} (the LM alone: {lm_loss:.6f})")
+
+    shards = lambda name: [str(p) for p in sorted((world / name).glob("shard-*.tar"))]  # noqa: E731
+    config = TrainConfig(
+        datasets=[
+            DatasetConfig(name="interleaved", format="mmc4", paths=shards("interleaved"), batch_size=settings.interleaved_batch,
+                          loss_weight=1.0, max_tokens=160, max_images=5),
+            DatasetConfig(name="pairs", format="pairs", paths=shards("pairs"), batch_size=settings.pairs_batch, loss_weight=0.2, max_tokens=32),
+            DatasetConfig(name="video", format="video", paths=shards("videos"), batch_size=settings.video_batch, loss_weight=0.1,
+                          max_tokens=32, num_frames=8),
+        ],
+        steps=settings.steps, lr=settings.lr, warmup_steps=settings.warmup_steps, weight_decay=0.0, output_dir=str(out / "train"),
+        checkpoint_every=settings.steps, seed=seed,
+    )
+    trained = train(model, processor, config, progress=progress)
+    unchanged = lm_is_unchanged(model)
+    print(f"trained {settings.steps} steps; LM weights bit-identical to the cached backbone: {'yes' if unchanged else 'NO'}")
+    model.save_pretrained(out / "model")
+    processor.save_pretrained(out / "model")
+    trained_at = time.time()
+
+    results = evaluate(
+        model, processor, toy_tasks(world), shots=list(settings.shots), seeds=[seed], limit=settings.queries,
+        batch_size=settings.eval_batch_size, results_path=out / "eval.json", resume=False, progress=progress,
+        model_name="flamingo-toyworld", config={"bridge": BRIDGE, "demo": asdict(settings)},
+    )
+    table = format_results_table(results)
+    print("\n" + table + "\n")
+    print(examples_text(results))
+    plot_curves(results, out / "few_shot.png")
+    summary = {
+        "seed": seed, "quick": quick, "settings": asdict(settings), "bridge": BRIDGE,
+        "init_text_loss": init_loss, "lm_text_loss": lm_loss, "lm_unchanged": unchanged,
+        "train": {"final": trained.history[-1] if trained.history else None, "losses": [h["loss"] for h in trained.history]},
+        "seconds": {"backbones": built - start, "train": trained_at - built, "eval": time.time() - trained_at, "total": time.time() - start},
+        "summary": results["summary"],
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    (out / "results.txt").write_text(table + "\n")
+    print(f"\nwrote {out / 'results.json'}, {out / 'few_shot.png'} ({summary['seconds']['total'] / 60:.1f} min)")
+    return summary
