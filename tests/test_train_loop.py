@@ -219,3 +219,19 @@ def test_flamingo_train_subcommand(data, tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown TrainConfig key"):
         args = parser.parse_args(["train", str(path), "stepz=2"])
         args.func(args)
+
+
+def test_gate_lr_multiplier_gives_the_gates_their_own_learning_rate():
+    import torch
+    from torch import nn
+
+    from flamingo_vlm.training.optim import build_optimizer, build_scheduler
+
+    named = [("xattn.0.attn_gate", nn.Parameter(torch.zeros(1))), ("xattn.0.attn.to_q.weight", nn.Parameter(torch.ones(2, 2))),
+             ("resampler.latents", nn.Parameter(torch.ones(2, 2)))]
+    opt = build_optimizer(named, lr=1e-3, weight_decay=0.1, gate_lr_multiplier=10.0)
+    lrs = {n: g["lr"] for g in opt.param_groups for n in g["names"]}
+    assert lrs == {"xattn.0.attn_gate": 1e-2, "xattn.0.attn.to_q.weight": 1e-3, "resampler.latents": 1e-3}
+    build_scheduler(opt, warmup_steps=2, total_steps=4)  # sets step 0's lr: warm-up scales every group
+    assert {n: g["lr"] for g in opt.param_groups for n in g["names"]}["xattn.0.attn_gate"] == 5e-3
+    assert len(build_optimizer(named, lr=1e-3, weight_decay=0.1).param_groups) == 2

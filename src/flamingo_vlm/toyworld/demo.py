@@ -176,6 +176,7 @@ def run_demo(out_dir: str | Path = "flamingo-demo", *, quick: bool = False, seed
                           max_tokens=32, num_frames=8),
         ],
         steps=settings.steps, lr=settings.lr, warmup_steps=settings.warmup_steps, weight_decay=0.0, output_dir=str(out / "train"),
+        gate_lr_multiplier=10.0,  # minutes of training, not 500k steps: the gates must open faster
         checkpoint_every=settings.steps, seed=seed,
     )
     trained = train(model, processor, config, progress=progress)

@@ -113,6 +113,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     grad_clip: float | None = 1.0  # global norm, once per optimizer step; null/0 disables
+    gate_lr_multiplier: float = 1.0  # the tanh gates' lr relative to lr (>1 opens them faster in short runs)
     mixture: Literal["accumulate", "round_robin"] = "accumulate"
     # precision and speed
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast of the forward where the device supports it

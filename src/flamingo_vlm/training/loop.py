@@ -199,7 +199,10 @@ def train(
     prepare_model(model, config, env)
     named = list(model.trainable_parameters())
     params = [p for _, p in named]
-    optimizer = build_optimizer(named, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps)
+    optimizer = build_optimizer(
+        named, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps,
+        gate_lr_multiplier=config.gate_lr_multiplier,
+    )
     scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=config.steps, kind=config.schedule, min_lr_ratio=config.min_lr_ratio)
     trainer_state: dict = {}
     if resume_from:

@@ -26,10 +26,32 @@ def param_groups(named_params: list[tuple[str, nn.Parameter]], weight_decay: flo
     return groups
 
 
-def build_optimizer(named_params: list[tuple[str, nn.Parameter]], *, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
+def split_gates(groups: list[dict], lr: float, multiplier: float) -> list[dict]:
+    """Move the tanh-gate scalars into their own group with ``lr * multiplier``.
+
+    The gates start at 0 and only open as fast as their learning rate lets them; a short run (the toy
+    demo: minutes, not the paper's 500k steps) needs them to move faster than the weights they gate.
+    """
+    if multiplier == 1.0:
+        return groups
+    out = []
+    for group in groups:
+        gate = [i for i, n in enumerate(group["names"]) if n.endswith("_gate")]
+        rest = [i for i in range(len(group["names"])) if i not in gate]
+        for idx, extra in ((rest, {}), (gate, {"lr": lr * multiplier})):
+            if idx:
+                out.append({**group, **extra, "params": [group["params"][i] for i in idx], "names": [group["names"][i] for i in idx]})
+    return out
+
+
+def build_optimizer(
+    named_params: list[tuple[str, nn.Parameter]], *, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8,
+    gate_lr_multiplier: float = 1.0,
+) -> torch.optim.AdamW:
     if not named_params:
         raise ValueError("the model has no trainable parameters")
-    return torch.optim.AdamW(param_groups(named_params, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
+    groups = split_gates(param_groups(named_params, weight_decay), lr, gate_lr_multiplier)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
 
 
 class WarmupSchedule:
