@@ -12,12 +12,10 @@ from __future__ import annotations
 import io
 import json
 import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
 from tqdm import tqdm

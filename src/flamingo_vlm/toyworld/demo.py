@@ -116,8 +116,8 @@ def plot_curves(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summary = [row for row in results["summary"]]
-    tasks = sorted({row["task"] for row in summary}, key=[r["task"] for r in summary].index)
+    summary = results["summary"]
+    tasks = list(dict.fromkeys(row["task"] for row in summary))  # in evaluation order
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.0), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         rows = sorted((r for r in summary if r["task"] == task), key=lambda r: r["shots"])

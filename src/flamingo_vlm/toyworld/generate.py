@@ -28,7 +28,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from . import text as T
-from .world import COLOURS, SHAPES, Scene, VideoScene, render_scene, render_video, sample_scene, sample_video_scene
+from .world import COLOURS, SHAPES, Scene, render_scene, render_video, sample_scene, sample_video_scene
 
 WORLD_VERSION = 1
 
