@@ -109,3 +109,17 @@ def test_generation_stops_at_end_of_chunk():
     handle.remove()
     new = out[0, batch["input_ids"].shape[1]:].tolist()
     assert len(new) == 3 and new[-1] == eoc and eoc not in new[:-1]
+
+
+def test_forward_continuing_from_a_cache_sees_the_prefix_images():
+    """prefix through forward(use_cache) + the rest with past_input_ids == the whole sequence at once."""
+    model, processor = build("llama")
+    open_gates(model, 0.7)
+    batch = processor([image(RED), "Output: a red circle.<|endofchunk|>", image(BLUE), "Output: a blue square"], padding_side="right")
+    ids, pixels = batch["input_ids"], batch["pixel_values"]
+    split = ids.shape[1] - 3  # the last tokens come after both images
+    with torch.no_grad():
+        whole = model(ids, pixel_values=pixels).logits
+        prefix = model(ids[:, :split], pixel_values=pixels, use_cache=True)
+        rest = model(ids[:, split:], visual_tokens=prefix.visual_tokens, cache=prefix.cache, past_input_ids=ids[:, :split]).logits
+    torch.testing.assert_close(rest, whole[:, split:], atol=1e-5, rtol=1e-5)

@@ -254,20 +254,25 @@ class FlamingoModel(nn.Module):
         labels: torch.Tensor | None = None,
         cache: Any = None,
         use_cache: bool = False,
+        past_input_ids: torch.Tensor | None = None,
         **lm_kwargs: Any,
     ) -> FlamingoOutput:
         """input_ids / attention_mask / labels [B, L]; media as pixel_values [M, T, C, H, W] (or [M, C, H, W],
         or [B, N, T, C, H, W]), or pre-computed vision_features [M, T, S, d] or visual_tokens [M, n, d].
 
-        The M media are the batch's ``<image>`` tokens in row order. Returns a :class:`FlamingoOutput`.
+        The M media are the batch's ``<image>`` tokens in row order. Continuing from a KV ``cache``, pass
+        the tokens already in it as ``past_input_ids`` [B, P] (and the media of the whole sequence): the
+        new tokens then attend to the images of the prefix. Returns a :class:`FlamingoOutput`.
         """
-        visual, counts = self._visual_tokens(input_ids, pixel_values, frame_mask, vision_features, visual_tokens)
+        full_ids = input_ids if past_input_ids is None else torch.cat([past_input_ids, input_ids], dim=1)
+        visual, counts = self._visual_tokens(full_ids, pixel_values, frame_mask, vision_features, visual_tokens)
         context = None
         if visual is not None:
             routing = build_routing(
-                input_ids,
+                full_ids,
                 media_offsets=counts.cumsum(0) - counts,
                 media_counts=counts,
+                last_positions=None if past_input_ids is None else input_ids.shape[1],
                 **self._routing_args(),
             )
             context = MediaContext(visual_tokens=visual, routing=routing)
