@@ -7,10 +7,10 @@ import io
 import json
 from pathlib import Path
 
-import av
-import numpy as np
 import webdataset as wds
 from PIL import Image
+
+from flamingo_vlm.toyworld.generate import mp4_bytes  # noqa: F401  (re-exported for the data tests)
 
 COLOURS = [(220, 20, 30), (10, 200, 40), (20, 30, 210), (250, 250, 250), (240, 200, 10), (120, 20, 160), (0, 180, 180), (90, 90, 90)]
 
@@ -22,22 +22,6 @@ def colour_image(i: int, size=(64, 64)) -> Image.Image:
 def image_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def mp4_bytes(frames: list[Image.Image], fps: int = 4, codec: str = "mpeg4", container: str = "mp4") -> bytes:
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format=container) as out:
-        stream = out.add_stream(codec, rate=fps)
-        stream.width, stream.height = frames[0].size
-        stream.pix_fmt = "yuv420p"
-        if codec == "mpeg4":
-            stream.options = {"qscale": "2"}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.asarray(frame), format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
     return buf.getvalue()
 
 

@@ -61,19 +61,20 @@ def png_bytes(img) -> bytes:
     return buf.getvalue()
 
 
-def mp4_bytes(frames, fps: int = 4) -> bytes:
-    """Encode PIL frames as an MPEG-4 video with PyAV."""
+def mp4_bytes(frames, fps: int = 4, codec: str = "mpeg4", container: str = "mp4") -> bytes:
+    """Encode PIL frames as a video (MPEG-4 in mp4 by default) with PyAV."""
     buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
+    with av.open(buf, mode="w", format=container) as out:
+        stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height = frames[0].size
         stream.pix_fmt = "yuv420p"
-        stream.options = {"qscale": "2"}  # near-lossless: colours must survive the codec
+        if codec == "mpeg4":
+            stream.options = {"qscale": "2"}  # near-lossless: colours must survive the codec
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.asarray(frame), format="rgb24")):
-                container.mux(packet)
+                out.mux(packet)
         for packet in stream.encode():
-            container.mux(packet)
+            out.mux(packet)
     return buf.getvalue()
 
 
