@@ -51,12 +51,6 @@ def select_cache_rows(cache, index: torch.Tensor):
     return rows
 
 
-def _media_kv(model, visual_tokens: torch.Tensor | None):
-    if visual_tokens is None:
-        return None
-    return tuple(block.media_kv(visual_tokens) for block in model.xattn_blocks)
-
-
 @torch.no_grad()
 def candidate_log_likelihoods(
     model,
@@ -93,10 +87,9 @@ def candidate_log_likelihoods(
 
     longer = sorted((r for r, (_, t) in enumerate(rows) if len(t) > 1), key=lambda r: -len(rows[r][1]))
     if longer:
-        config = model.config
-        media_kv = _media_kv(model, batch.visual_tokens)
+        media_kv = None if batch.visual_tokens is None else model.media_kv(batch.visual_tokens)
         offsets = batch.media_counts.cumsum(0) - batch.media_counts
-        pad = config.pad_token_id
+        pad = model.config.pad_token_id
         for start in range(0, len(longer), max_rows):
             chunk = longer[start : start + max_rows]
             index = prompt_of[chunk]
@@ -113,12 +106,10 @@ def candidate_log_likelihoods(
             if batch.visual_tokens is not None:
                 routing = build_routing(
                     torch.cat([batch.input_ids[index], inputs], dim=1),
-                    media_token_id=config.media_token_id,
                     media_offsets=offsets[index],
                     media_counts=batch.media_counts[index],
-                    mode=config.media_attention,
-                    eos_token_id=config.eos_token_id if config.reset_media_at_eos else None,
                     last_positions=width,
+                    **model.routing_args(),
                 )
                 context = MediaContext(visual_tokens=batch.visual_tokens, routing=routing, media_kv=media_kv)
             logits = model.lm(

@@ -234,7 +234,12 @@ class FlamingoModel(nn.Module):
             return self.resampler(x.to(self.resampler.latents.dtype), frame_mask), counts
         return x, counts
 
-    def _routing_args(self) -> dict[str, Any]:
+    def media_kv(self, visual_tokens: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """visual_tokens [M, n, d_visual] -> each xattn block's (keys, values) [M, H, n, D], to compute once and reuse."""
+        return tuple(block.media_kv(visual_tokens) for block in self.xattn_blocks)
+
+    def routing_args(self) -> dict[str, Any]:
+        """The config's arguments of :func:`~flamingo_vlm.modeling.masking.build_routing` (token id, mode, EOS reset)."""
         c = self.config
         return {
             "media_token_id": c.media_token_id,
@@ -273,7 +278,7 @@ class FlamingoModel(nn.Module):
                 media_offsets=counts.cumsum(0) - counts,
                 media_counts=counts,
                 last_positions=None if past_input_ids is None else input_ids.shape[1],
-                **self._routing_args(),
+                **self.routing_args(),
             )
             context = MediaContext(visual_tokens=visual, routing=routing)
         if attention_mask is not None and "position_ids" not in lm_kwargs and bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
@@ -313,14 +318,14 @@ class FlamingoModel(nn.Module):
         visual, counts = self._visual_tokens(input_ids, pixel_values, frame_mask, vision_features, visual_tokens)
         context = None
         if visual is not None:
-            media_kv = tuple(block.media_kv(visual) for block in self.xattn_blocks) if cache_media_kv else None
+            media_kv = self.media_kv(visual) if cache_media_kv else None
             context = GenerationMediaContext(
                 visual_tokens=visual,
                 routing=None,
                 media_kv=media_kv,
                 media_offsets=counts.cumsum(0) - counts,
                 media_counts=counts,
-                **self._routing_args(),
+                **self.routing_args(),
             )
         c = self.config
         stop = [c.end_of_chunk_token_id] + ([c.eos_token_id] if c.eos_token_id is not None else [])
