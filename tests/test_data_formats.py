@@ -25,13 +25,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
-def processor():
-    from helpers import build
-
-    return build("llama")[1]
-
-
-@pytest.fixture(scope="module")
 def layout(processor):
     lay = TokenLayout.from_processor(processor)
     assert (lay.media_token_id, lay.end_of_chunk_token_id, lay.eos_token_id, lay.pad_token_id) == (MEDIA, EOC, EOS, PAD)

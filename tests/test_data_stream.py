@@ -14,13 +14,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
-def processor():
-    from helpers import build
-
-    return build("llama")[1]
-
-
-@pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     return pair_shards(tmp_path_factory.mktemp("pairs"), num_shards=3, per_shard=6)
 
