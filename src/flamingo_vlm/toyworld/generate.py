@@ -240,28 +240,23 @@ def generate_world(directory: str | Path, *, seed: int = 0, sizes: WorldSizes | 
     (root / "text" / "lm_corpus.txt").write_text("\n\n".join(corpus) + "\n")
     bar.update()
 
-    pair_rng = random.Random(rng.randrange(2**31))
-    with _ShardWriter(root / "pairs", sizes.shard_size) as sink:
-        for i in range(sizes.pairs):
-            s = sample_scene(pair_rng)
-            sink.write({"__key__": f"pair{i:07d}", "png": png_bytes(render_scene(s)), "txt": T.caption(s),
-                        "json": json.dumps(s.to_dict())})
-    bar.update()
+    def pair(r: random.Random, i: int) -> dict:
+        s = sample_scene(r)
+        return {"__key__": f"pair{i:07d}", "png": png_bytes(render_scene(s)), "txt": T.caption(s), "json": json.dumps(s.to_dict())}
 
-    doc_rng = random.Random(rng.randrange(2**31))
-    with _ShardWriter(root / "interleaved", sizes.shard_size) as sink:
-        for i in range(sizes.documents):
-            key = f"doc{i:07d}"
-            sink.write({"__key__": key, "json": json.dumps(_document(doc_rng, key))})
-    bar.update()
+    def document(r: random.Random, i: int) -> dict:
+        return {"__key__": f"doc{i:07d}", "json": json.dumps(_document(r, f"doc{i:07d}"))}
 
-    video_rng = random.Random(rng.randrange(2**31))
-    with _ShardWriter(root / "videos", sizes.shard_size) as sink:
-        for i in range(sizes.videos):
-            v = sample_video_scene(video_rng)
-            sink.write({"__key__": f"video{i:07d}", "mp4": mp4_bytes(render_video(v)), "txt": T.video_caption(v),
-                        "json": json.dumps(v.to_dict())})
-    bar.update()
+    def video(r: random.Random, i: int) -> dict:
+        v = sample_video_scene(r)
+        return {"__key__": f"video{i:07d}", "mp4": mp4_bytes(render_video(v)), "txt": T.video_caption(v), "json": json.dumps(v.to_dict())}
+
+    for name, count, make in (("pairs", sizes.pairs, pair), ("interleaved", sizes.documents, document), ("videos", sizes.videos, video)):
+        part_rng = random.Random(rng.randrange(2**31))  # one generator per part: parts do not shift each other
+        with _ShardWriter(root / name, sizes.shard_size) as sink:
+            for i in range(count):
+                sink.write(make(part_rng, i))
+        bar.update()
 
     eval_paths = _write_eval(random.Random(rng.randrange(2**31)), root / "eval", sizes)
     bar.update()
