@@ -60,6 +60,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .evaluation.cli import add_eval_parser
+    from .serving.cli import add_serve_parser
     from .training.cli import add_train_parser
 
     parser = argparse.ArgumentParser(prog="flamingo", description="Flamingo visual language models on any Hugging Face LM.")
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(sub)
     add_eval_parser(sub)
+    add_serve_parser(sub)
 
     gen = sub.add_parser("generate", help="generate text for an interleaved prompt")
     gen.add_argument("--model", required=True, help="a directory written by FlamingoModel.save_pretrained")
