@@ -211,6 +211,23 @@ def test_the_server_keeps_serving_after_bad_requests(client):
     assert client.get("/healthz").json()["status"] == "ok"
 
 
+def test_a_model_failure_is_a_json_500_and_the_server_keeps_serving(model_and_processor):
+    app = create_app(*model_and_processor, max_wait_ms=1)
+    runner, failures = app.state.batcher.run_batch, []
+
+    def failing_once(key, payloads):
+        if not failures:
+            failures.append(key)
+            raise RuntimeError("out of memory")
+        return runner(key, payloads)
+
+    app.state.batcher.run_batch = failing_once
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.post("/v1/generate", json={"prompt": _good(), "max_new_tokens": 3})
+        assert r.status_code == 500 and r.json()["error"]["message"] == "internal error: RuntimeError: out of memory"
+        assert c.post("/v1/generate", json={"prompt": _good(), "max_new_tokens": 3}).status_code == 200
+
+
 def test_model_info_presets_and_page(client):
     info = client.get("/v1/model").json()
     assert info["lm"] is None or isinstance(info["lm"], str)

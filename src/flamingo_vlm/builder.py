@@ -46,7 +46,9 @@ def load_backbones(
     if lm is None or vision is None:
         raise ValueError("the config names no LM / vision encoder path: pass lm= and vision=")
     lm_model = _load_lm(lm, **(lm_kwargs or {}))
-    encoder = load_vision_encoder(vision, config.vision_type, feature_layer=config.vision_feature_layer, **(vision_kwargs or {}))
+    encoder = load_vision_encoder(
+        vision, config.vision_type, feature_layer=config.vision_feature_layer, post_norm=config.vision_post_norm, **(vision_kwargs or {})
+    )
     return lm_model, encoder
 
 
@@ -69,7 +71,10 @@ def build_flamingo(
     lm_model = _load_lm(lm, **(lm_kwargs or {}))
     tokenizer = _load_tokenizer(tokenizer, lm_path)
     config = FlamingoConfig(**config_overrides)
-    encoder = load_vision_encoder(vision, config.vision_type if "vision_type" in config_overrides else None, feature_layer=config.vision_feature_layer, **(vision_kwargs or {}))
+    encoder = load_vision_encoder(
+        vision, config.vision_type if "vision_type" in config_overrides else None, feature_layer=config.vision_feature_layer,
+        post_norm=config.vision_post_norm, **(vision_kwargs or {}),
+    )
     config.vision_type = encoder.vision_type
     config.lm_name_or_path = str(lm_path) if lm_path else None
     config.vision_name_or_path = encoder.name_or_path

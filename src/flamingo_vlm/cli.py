@@ -59,6 +59,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .convert.cli import add_convert_parser
     from .evaluation.cli import add_eval_parser
     from .serving.cli import add_serve_parser
     from .training.cli import add_train_parser
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(sub)
     add_eval_parser(sub)
+    add_convert_parser(sub)
     add_serve_parser(sub)
 
     gen = sub.add_parser("generate", help="generate text for an interleaved prompt")

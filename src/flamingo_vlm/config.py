@@ -29,6 +29,9 @@ class FlamingoConfig:
     vision_type: str = "clip"
     # Which hidden state of the vision encoder to use (-1: last) and whether to drop its CLS token.
     vision_feature_layer: int = -1
+    # Apply the encoder's final LayerNorm (CLIP post_layernorm, open_clip ln_post) to the patch tokens:
+    # None keeps the adapter's native output (see flamingo_vlm.modeling.vision.VisionEncoder.set_post_norm).
+    vision_post_norm: bool | None = None
     # Dotted path to the LM's ModuleList of decoder layers; found structurally when None.
     decoder_layers_attr: str | None = None
 
@@ -65,6 +68,12 @@ class FlamingoConfig:
     end_of_chunk_token: str = END_OF_CHUNK_TOKEN
     pad_token: str = PAD_TOKEN
     new_token_ids: list[int] = field(default_factory=list)
+    # Logits end at the last new token, i.e. the tokenizer's length (OpenFlamingo resizes the LM's embeddings
+    # to its tokenizer, dropping unused padding rows such as MPT's); False keeps every LM-head column.
+    truncate_vocab: bool = False
+    # The LM's own embedding / LM-head rows differ from its checkpoint's (an OpenFlamingo checkpoint may have
+    # trained them): they are saved with the bridge and loaded over the LM's. They stay frozen.
+    save_lm_embeddings: bool = False
     media_token_id: int | None = None
     end_of_chunk_token_id: int | None = None
     pad_token_id: int | None = None

@@ -85,7 +85,7 @@ class FlamingoModel(nn.Module):
             for i in xattn_layer_indices(len(layers), config.cross_attn_every_n_layers)
         }
         if config.new_token_ids:
-            add_new_token_rows(lm, len(config.new_token_ids), config.new_token_ids[0])
+            add_new_token_rows(lm, len(config.new_token_ids), config.new_token_ids[0], truncate=config.truncate_vocab)
         self.decoder_layers_attr = wrap_lm(lm, blocks, config.decoder_layers_attr)
         device = next(lm.parameters()).device
         self.resampler.to(device)
@@ -122,13 +122,26 @@ class FlamingoModel(nn.Module):
             state["new_token_embeddings.weight"] = embed.new.weight
         if isinstance(head, ExtendedLMHead) and head.new_weight is not None:
             state["new_token_lm_head.weight"] = head.new_weight
+        if self.config.save_lm_embeddings:  # frozen, but not the LM checkpoint's (see FlamingoConfig)
+            state.update(self._lm_embedding_state())
+        return state
+
+    def _lm_embedding_state(self) -> dict[str, torch.Tensor]:
+        """The LM's own input-embedding matrix [V, d] (and LM-head matrix when untied), under lm_* names."""
+        embed, head = self.lm.get_input_embeddings(), self.lm.get_output_embeddings()
+        embed_w = embed.base.weight if isinstance(embed, ExtendedEmbedding) else embed.weight
+        head_w = head.base.weight if isinstance(head, ExtendedLMHead) else head.weight
+        state = {"lm_input_embeddings.weight": embed_w}
+        if head_w is not embed_w:
+            state["lm_output_embeddings.weight"] = head_w
         return state
 
     def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(name, parameter) for every trained weight, under :meth:`flamingo_state_dict` names."""
         params = {id(p): p for p in self.parameters()}
+        frozen = {id(t) for t in self._lm_embedding_state().values()}
         for name, tensor in self.flamingo_state_dict().items():
-            if id(tensor) in params:  # parameters only (LayerNorm buffers would appear here too)
+            if id(tensor) in params and id(tensor) not in frozen:  # parameters only (LayerNorm buffers would appear here too)
                 yield name, params[id(tensor)]
 
     def _set_trainable(self) -> None:

@@ -116,13 +116,15 @@ class ExtendedLMHead(nn.Module):
 
     hidden [..., d] -> logits [..., max(V_base, first_new_id + num_new)]; the new tokens' columns are at
     their ids. ``tied_to`` shares the new rows with the input embedding when the LM ties its embeddings.
+    ``truncate``: exactly ``first_new_id + num_new`` columns, dropping LM-head rows past the new tokens.
     """
 
-    def __init__(self, base: nn.Module, num_new: int, first_new_id: int, tied_to: nn.Embedding | None = None) -> None:
+    def __init__(self, base: nn.Module, num_new: int, first_new_id: int, tied_to: nn.Embedding | None = None, truncate: bool = False) -> None:
         super().__init__()
         self.base = base
         self.first_new_id = first_new_id
         self.num_new = num_new
+        self.truncate = truncate
         if tied_to is None:
             d = base.weight.shape[1]
             self.new_weight = nn.Parameter(torch.zeros(num_new, d, device=base.weight.device))
@@ -147,6 +149,8 @@ class ExtendedLMHead(nn.Module):
         end = self.first_new_id + self.num_new
         if self.first_new_id == v_base:
             return torch.cat([base, new], dim=-1)
+        if self.truncate:
+            return torch.cat([base[..., : self.first_new_id], new], dim=-1)
         if end > v_base:  # new ids partly beyond the base head: pad, then place the new columns
             base = torch.cat([base, base.new_full((*base.shape[:-1], end - v_base), float("-inf"))], dim=-1)
         base = base.clone()
@@ -173,8 +177,11 @@ def wrap_lm(
     return path
 
 
-def add_new_token_rows(lm: nn.Module, num_new: int, first_new_id: int) -> None:
-    """Give the LM trainable embedding (and output) rows for ``num_new`` new tokens from ``first_new_id``."""
+def add_new_token_rows(lm: nn.Module, num_new: int, first_new_id: int, truncate: bool = False) -> None:
+    """Give the LM trainable embedding (and output) rows for ``num_new`` new tokens from ``first_new_id``.
+
+    ``truncate``: the logits end at the last new token (see :class:`ExtendedLMHead`).
+    """
     base_in = lm.get_input_embeddings()
     if first_new_id > base_in.weight.shape[0]:
         raise ValueError(
@@ -187,7 +194,7 @@ def add_new_token_rows(lm: nn.Module, num_new: int, first_new_id: int) -> None:
     if base_out is None:
         raise ValueError(f"{type(lm).__name__} has no output embeddings (LM head): is it a causal LM?")
     tied = bool(getattr(_text_config(lm), "tie_word_embeddings", False)) and base_out.weight is base_in.weight
-    lm.set_output_embeddings(ExtendedLMHead(base_out, num_new, first_new_id, tied_to=embed.new if tied else None))
+    lm.set_output_embeddings(ExtendedLMHead(base_out, num_new, first_new_id, tied_to=embed.new if tied else None, truncate=truncate))
 
 
 def _install_generation_hook(lm: nn.Module) -> None:

@@ -103,6 +103,15 @@ class VisionEncoder(nn.Module):
     name_or_path: str | None = None
     vision_type: str = ""
 
+    def set_post_norm(self, post_norm: bool) -> None:
+        """Whether the features get the encoder's final LayerNorm (CLIP ``post_layernorm``, open_clip ``ln_post``).
+
+        Encoders disagree: transformers' CLIP leaves it off the patch tokens, open_clip applies it to them
+        since 2.23.0 (before, only to the pooled token), and OpenFlamingo's released models were trained
+        without it. Adapters that cannot choose raise.
+        """
+        raise ValueError(f"the {self.vision_type or type(self).__name__} vision adapter cannot set post_norm={post_norm}")
+
 
 class HFVisionEncoder(VisionEncoder):
     """A transformers ``CLIPVisionModel`` / ``SiglipVisionModel``; patch tokens of one hidden layer.
@@ -119,12 +128,20 @@ class HFVisionEncoder(VisionEncoder):
         self.vision_type = vision_type
         self.name_or_path = name_or_path
         self.drop_cls = vision_type == "clip"
+        self.post_norm: nn.Module | None = None
+
+    def set_post_norm(self, post_norm: bool) -> None:
+        native = self.vision_type == "siglip" and self.feature_layer == -1  # SigLIP's last_hidden_state is normed
+        if native and not post_norm:
+            super().set_post_norm(post_norm)
+        self.post_norm = getattr(self.model, "vision_model", self.model).post_layernorm if post_norm and not native else None
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         want_hidden = self.feature_layer != -1
         out = self.model(pixel_values=pixel_values, output_hidden_states=want_hidden)
         features = out.hidden_states[self.feature_layer] if want_hidden else out.last_hidden_state
-        return features[:, 1:] if self.drop_cls else features
+        features = features[:, 1:] if self.drop_cls else features
+        return features if self.post_norm is None else self.post_norm(features)
 
 
 class OpenClipVisionEncoder(VisionEncoder):
@@ -138,10 +155,21 @@ class OpenClipVisionEncoder(VisionEncoder):
         self.hidden_size = visual.transformer.width if hasattr(visual, "transformer") else visual.output_dim
         self.vision_type = "open_clip"
         self.name_or_path = name_or_path
+        self.extra_ln_post = False
+
+    def set_post_norm(self, post_norm: bool) -> None:
+        visual = self.visual
+        if not hasattr(visual, "ln_post") or getattr(visual, "attn_pool", None) is not None:
+            super().set_post_norm(post_norm)
+        if hasattr(visual, "final_ln_after_pool"):  # open_clip >= 2.23.0: ln_post on all tokens unless this is set
+            visual.final_ln_after_pool = not post_norm
+            self.extra_ln_post = False
+        else:  # older open_clip: ln_post on the pooled token only
+            self.extra_ln_post = post_norm
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         _, tokens = self.visual(pixel_values)
-        return tokens
+        return self.visual.ln_post(tokens) if self.extra_ln_post else tokens
 
 
 class TimmVisionEncoder(VisionEncoder):
@@ -237,8 +265,13 @@ def guess_vision_type(name_or_path) -> str:
     )
 
 
-def load_vision_encoder(name_or_path, vision_type: str | None = None, *, feature_layer: int = -1, **kwargs) -> VisionEncoder:
-    """Build a frozen VisionEncoder from a model object, a local path or a hub name."""
+def load_vision_encoder(
+    name_or_path, vision_type: str | None = None, *, feature_layer: int = -1, post_norm: bool | None = None, **kwargs
+) -> VisionEncoder:
+    """Build a frozen VisionEncoder from a model object, a local path or a hub name.
+
+    ``post_norm``: see :meth:`VisionEncoder.set_post_norm` (None: the adapter's native features).
+    """
     if isinstance(name_or_path, VisionEncoder):
         encoder = name_or_path
     else:
@@ -246,6 +279,8 @@ def load_vision_encoder(name_or_path, vision_type: str | None = None, *, feature
         if vision_type not in VISION_LOADERS:
             raise ValueError(f"unknown vision_type {vision_type!r}: expected one of {sorted(VISION_LOADERS)}")
         encoder = VISION_LOADERS[vision_type](name_or_path, vision_type, feature_layer, **kwargs)
+    if post_norm is not None:
+        encoder.set_post_norm(post_norm)
     encoder.requires_grad_(False)
     encoder.eval()
     return encoder

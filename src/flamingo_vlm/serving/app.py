@@ -91,6 +91,10 @@ def create_app(model, processor, *, limits: Limits | None = None, max_batch_size
     async def value_error(request: Request, exc: ValueError) -> JSONResponse:  # raised by the model path on bad input
         return JSONResponse(RequestError(422, str(exc)).to_json(), status_code=422)
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:  # logged by the server; it keeps serving
+        return JSONResponse(RequestError(500, f"internal error: {type(exc).__name__}: {exc}").to_json(), status_code=500)
+
     @app.get("/healthz")
     async def healthz() -> dict:
         return {"status": "ok", "waiting": batcher.waiting, "batches_run": batcher.batches_run, "requests_run": batcher.requests_run}

@@ -109,7 +109,10 @@ class Batcher:
                     groups.setdefault(job.key, []).append(job)
             for key, group in groups.items():
                 start = time.perf_counter()
-                outcomes = await loop.run_in_executor(self._executor, self._run, key, [j.payload for j in group])
+                try:
+                    outcomes = await loop.run_in_executor(self._executor, self._run, key, [j.payload for j in group])
+                except Exception as e:  # noqa: BLE001  (the collector must outlive any batch)
+                    outcomes = [(False, e, len(group))] * len(group)
                 compute = time.perf_counter() - start
                 self.batches_run += 1
                 self.requests_run += len(group)

@@ -1,0 +1,101 @@
+"""``flamingo convert``: OpenFlamingo checkpoints to save_pretrained directories, and back."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+def _vision(args: argparse.Namespace, out: Path):
+    """(vision argument, vision_type, vision_kwargs) for load_openflamingo; an open_clip state-dict file is
+    mapped onto a transformers CLIP vision model saved under OUT/vision (no open_clip needed)."""
+    if args.vision.endswith(STATE_DICT_SUFFIXES) and os.path.isfile(args.vision):
+        from .clip_vision import clip_vision_from_open_clip
+
+        model = clip_vision_from_open_clip(args.vision, head_width=args.vision_head_width, quick_gelu=args.vision_act == "quick_gelu")
+        vision_dir = (out / "vision").resolve()
+        model.save_pretrained(vision_dir)
+        return str(vision_dir), "clip", {}
+    if args.vision_type == "open_clip":
+        return args.vision, "open_clip", {"pretrained": args.vision_pretrained}
+    return args.vision, args.vision_type, {}
+
+
+def cmd_from_openflamingo(args: argparse.Namespace) -> int:
+    import torch
+
+    from .openflamingo import load_openflamingo
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    vision, vision_type, vision_kwargs = _vision(args, out)
+    lm_kwargs = {"dtype": getattr(torch, args.dtype)}
+    if args.trust_remote_code:
+        lm_kwargs["trust_remote_code"] = True
+    model, processor, report = load_openflamingo(
+        args.checkpoint, args.lm, vision, args.tokenizer, vision_type=vision_type, vision_post_norm=args.vision_post_norm,
+        lm_kwargs=lm_kwargs, vision_kwargs=vision_kwargs,
+    )
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    c = model.config
+    print(
+        f"converted {args.checkpoint} -> {out}: xattn every {c.cross_attn_every_n_layers} layer(s) ({len(model.xattn_blocks)} blocks), "
+        f"<image>={c.media_token_id} <|endofchunk|>={c.end_of_chunk_token_id}"
+    )
+    for line in report.lines():
+        print(f"  note: {line}")
+    return 0
+
+
+def cmd_to_openflamingo(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import load_flamingo
+    from .openflamingo import export_openflamingo
+
+    model, _ = load_flamingo(args.model)
+    state = export_openflamingo(model, frame_embs=args.frame_embs, check_architecture=not args.any_architecture)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, args.out)
+    print(f"wrote {len(state)} tensors in OpenFlamingo's layout to {args.out}; its tokenizer is in {args.model}")
+    return 0
+
+
+def add_convert_parser(sub) -> None:
+    convert = sub.add_parser("convert", help="convert checkpoints from/to other Flamingo implementations")
+    conv_sub = convert.add_subparsers(dest="convert_command", required=True)
+
+    of = conv_sub.add_parser("openflamingo", help="an OpenFlamingo checkpoint.pt -> a save_pretrained directory")
+    of.add_argument("checkpoint", help="OpenFlamingo checkpoint.pt (state dict; module./FSDP prefixes are fine)")
+    of.add_argument("--lm", required=True, help="its language model: hub name or path (e.g. anas-awadalla/mpt-7b)")
+    of.add_argument(
+        "--vision", required=True,
+        help="its CLIP ViT: a transformers CLIP name/path (openai/clip-vit-large-patch14 for ViT-L-14 'openai'), an "
+        "open_clip vision state-dict file (.pt/.bin/.safetensors, loaded without open_clip), or with "
+        "--vision-type open_clip an open_clip model name",
+    )
+    of.add_argument("--out", required=True, help="output directory (load it with flamingo_vlm.load_flamingo)")
+    of.add_argument("--tokenizer", default=None, help="the LM's tokenizer, if not at --lm")
+    of.add_argument("--vision-type", default=None, choices=["clip", "open_clip"], help="how to read --vision (default: guessed)")
+    of.add_argument("--vision-pretrained", default="openai", help="open_clip pretrained tag (with --vision-type open_clip)")
+    of.add_argument("--vision-head-width", type=int, default=64, help="channels per head of an open_clip state-dict ViT")
+    of.add_argument("--vision-act", default="quick_gelu", choices=["quick_gelu", "gelu"], help="activation of an open_clip state-dict ViT")
+    of.add_argument(
+        "--vision-post-norm", action="store_true",
+        help="apply ln_post to the patch tokens, as OpenFlamingo does when run with open_clip >= 2.23 (its released "
+        "models were trained without)",
+    )
+    of.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of the LM")
+    of.add_argument("--trust-remote-code", action="store_true", help="for LMs with custom code (e.g. mpt-1b-redpajama-200b)")
+    of.set_defaults(func=cmd_from_openflamingo)
+
+    to = conv_sub.add_parser("to-openflamingo", help="a save_pretrained directory -> an OpenFlamingo checkpoint.pt")
+    to.add_argument("model", help="a directory written by FlamingoModel.save_pretrained")
+    to.add_argument("--out", required=True, help="checkpoint file to write (torch.save of a state dict)")
+    to.add_argument("--frame-embs", action="store_true", help="write the resampler's time embeddings as perceiver.frame_embs")
+    to.add_argument("--any-architecture", action="store_true", help="skip the check against the sizes OpenFlamingo's factory builds")
+    to.set_defaults(func=cmd_to_openflamingo)
