@@ -12,6 +12,7 @@ worker thread behind a :class:`~flamingo_vlm.serving.batching.Batcher`.
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict
@@ -65,7 +66,7 @@ def create_app(model, processor, *, limits: Limits | None = None, max_batch_size
     lm_config = getattr(model.lm, "config", None)
     reader = PromptReader(processor, limits, max_positions=getattr(lm_config, "max_position_embeddings", None))
     batcher = Batcher(ModelRunner(model, processor), max_batch_size=max_batch_size, max_wait_s=max_wait_ms / 1000, max_queue=limits.max_queue)
-    request_ids = iter(range(1, 2**62))
+    request_ids = itertools.count(1)  # a seeded sampling request's own batch key
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
