@@ -59,6 +59,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .benchmark.cli import add_bench_parser
     from .convert.cli import add_convert_parser
     from .evaluation.cli import add_eval_parser
     from .serving.cli import add_serve_parser
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_convert_parser(sub)
     add_serve_parser(sub)
+    add_bench_parser(sub)
 
     gen = sub.add_parser("generate", help="generate text for an interleaved prompt")
     gen.add_argument("--model", required=True, help="a directory written by FlamingoModel.save_pretrained")
