@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -66,6 +67,7 @@ class FlamingoModel(nn.Module):
             ff_mult=config.resampler_ff_mult,
             max_num_frames=config.max_num_frames,
             activation=config.ff_activation,
+            spatial_positions=config.resampler_spatial_positions,
         )
         _, layers = find_decoder_layers(lm, config.decoder_layers_attr)
         if any(isinstance(layer, FlamingoDecoderLayer) for layer in layers):  # check before changing anything
@@ -340,14 +342,38 @@ class FlamingoModel(nn.Module):
                 media_counts=counts,
                 **self.routing_args(),
             )
+        if attention_mask is None:
+            attention_mask = (input_ids != self.config.pad_token_id).long()
+        beams = generate_kwargs.get("num_beams", 1) or 1
+        if beams > 1 and input_ids.shape[1] > 1 and generate_kwargs.get("use_cache", True) and "cache" not in generate_kwargs:
+            # HF copies each prompt num_beams times before its first forward: run the prompt once per
+            # prompt instead and hand generate the copied KV cache (it then runs only the last token).
+            generate_kwargs["cache"] = self._prompt_cache(input_ids, attention_mask, context, counts, beams)
         c = self.config
         stop = [c.end_of_chunk_token_id] + ([c.eos_token_id] if c.eos_token_id is not None else [])
         generate_kwargs.setdefault("eos_token_id", stop)
         generate_kwargs.setdefault("pad_token_id", c.pad_token_id)
         generate_kwargs.setdefault("suppress_tokens", [c.media_token_id])
-        if attention_mask is None:
-            attention_mask = (input_ids != c.pad_token_id).long()
         return self.lm.generate(input_ids=input_ids, attention_mask=attention_mask, flamingo_context=context, **generate_kwargs)
+
+    def _prompt_cache(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, context: GenerationMediaContext | None, counts: torch.Tensor, copies: int
+    ) -> Any:
+        """The LM's KV cache of each prompt but its last token ([B, L-1] -> cache of B * copies rows, row-interleaved)."""
+        prefix, prefix_mask = input_ids[:, :-1], attention_mask[:, :-1]
+        step_context = None
+        if context is not None:
+            routing = build_routing(prefix, media_offsets=counts.cumsum(0) - counts, media_counts=counts, **self.routing_args())
+            step_context = MediaContext(visual_tokens=context.visual_tokens, routing=routing, media_kv=context.media_kv)
+        kwargs: dict[str, Any] = {}
+        if "logits_to_keep" in inspect.signature(self.lm.forward).parameters:
+            kwargs["logits_to_keep"] = 1  # only the cache is wanted
+        if bool((prefix_mask[:, 1:] > prefix_mask[:, :-1]).any()):  # left padding: positions as generate counts them
+            kwargs["position_ids"] = (prefix_mask.long().cumsum(-1) - 1).masked_fill(prefix_mask == 0, 1)
+        out = self.lm(input_ids=prefix, attention_mask=prefix_mask, use_cache=True, flamingo_context=step_context, **kwargs)
+        cache = out.cache
+        cache.batch_repeat_interleave(copies)
+        return cache
 
     # ---- persistence -------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> None:
