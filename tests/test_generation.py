@@ -123,3 +123,12 @@ def test_forward_continuing_from_a_cache_sees_the_prefix_images():
         prefix = model(ids[:, :split], pixel_values=pixels, use_cache=True)
         rest = model(ids[:, split:], visual_tokens=prefix.visual_tokens, cache=prefix.cache, past_input_ids=ids[:, :split]).logits
     torch.testing.assert_close(rest, whole[:, split:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lm_type, lm_vocab", [("llama", None), ("gpt2", 600)])
+def test_lm_config_vocab_size_is_the_logits_width(lm_type, lm_vocab):
+    """transformers' beam search (before 5.2x) reshapes scores by config.vocab_size: it must count the new tokens."""
+    model, processor = build(lm_type, lm_vocab=lm_vocab)
+    with torch.no_grad():
+        logits = model(**processor([image(RED), "Output:"])).logits
+    assert model.lm.config.get_text_config().vocab_size == logits.shape[-1]

@@ -161,3 +161,27 @@ def test_time_embeddings_get_gradients_with_a_frame_mask():
     r(_features(2, 6, 3), mask).sum().backward()
     grad = r.time_embeddings.grad
     assert grad is not None and (grad.abs().sum(-1) > 0).all()  # 5 frames interpolate over all 4 embeddings
+
+
+def test_spatial_position_embeddings_make_the_output_depend_on_where_features_are():
+    """Without spatial embeddings the resampler is blind to the order of a frame's features (attention is
+    permutation-invariant over keys); with them, moving a feature to another position changes the tokens."""
+    feats = _features(1, 1, 6)
+    moved = feats[:, :, torch.tensor([5, 1, 2, 3, 4, 0])]
+    plain = _resampler()
+    torch.manual_seed(0)
+    spatial = PerceiverResampler(dim=DIM, depth=2, num_latents=5, heads=2, dim_head=8, ff_mult=2, spatial_positions=6).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(feats), plain(moved), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(spatial(feats), spatial(moved), atol=1e-4)
+    with pytest.raises(ValueError, match="resampler_spatial_positions=7"):
+        spatial(_features(1, 1, 7))
+
+
+def test_spatial_position_embeddings_are_trained_and_saved():
+    model, processor = build("llama", resampler_spatial_positions=16)  # the tiny CLIP gives 4x4 patch features
+    assert "resampler.spatial_embeddings" in dict(model.trainable_parameters())
+    assert "resampler.spatial_embeddings" in model.flamingo_state_dict()
+    with torch.no_grad():
+        out = model(**processor([image(RED), "a red square"]))
+    assert out.visual_tokens.shape == (1, model.config.resampler_num_latents, model.config.vision_hidden_size)

@@ -43,6 +43,8 @@ class FlamingoConfig:
     resampler_ff_mult: int = 4
     # Number of learned time embeddings (frames seen in training); longer videos interpolate them.
     max_num_frames: int = 8
+    # Learned spatial position embeddings, one per vision feature of a frame (0: none, as in the paper).
+    resampler_spatial_positions: int = 0
 
     # GATED XATTN-DENSE (section 2.2).
     cross_attn_every_n_layers: int = 1
@@ -91,6 +93,8 @@ class FlamingoConfig:
             raise ValueError(f"gate_init must be 'zeros' or 'normal', got {self.gate_init!r}")
         if self.cross_attn_every_n_layers < 1:
             raise ValueError("cross_attn_every_n_layers must be >= 1")
+        if self.resampler_spatial_positions < 0:
+            raise ValueError(f"resampler_spatial_positions must be >= 0, got {self.resampler_spatial_positions}")
         for name in ("resampler_depth", "resampler_num_latents", "resampler_heads", "xattn_heads", "max_num_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

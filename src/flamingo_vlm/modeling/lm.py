@@ -195,6 +195,10 @@ def add_new_token_rows(lm: nn.Module, num_new: int, first_new_id: int, truncate:
         raise ValueError(f"{type(lm).__name__} has no output embeddings (LM head): is it a causal LM?")
     tied = bool(getattr(_text_config(lm), "tie_word_embeddings", False)) and base_out.weight is base_in.weight
     lm.set_output_embeddings(ExtendedLMHead(base_out, num_new, first_new_id, tied_to=embed.new if tied else None, truncate=truncate))
+    # As resize_token_embeddings does: the config's vocabulary is the logits' width now (transformers'
+    # beam search before 5.2x reshapes scores by config.vocab_size, not by the logits it gets).
+    end = first_new_id + num_new
+    _text_config(lm).vocab_size = end if truncate else max(base_out.weight.shape[0], end)
 
 
 def _install_generation_hook(lm: nn.Module) -> None:

@@ -43,7 +43,9 @@ class PerceiverResampler(nn.Module):
 
     M media (images are videos of one frame), T frames, S features per frame. A learned time embedding
     is added per frame; videos longer than ``max_num_frames`` use linearly interpolated embeddings
-    (the paper trains on 8 frames and evaluates on 30). No spatial position encodings (they gave no gain).
+    (the paper trains on 8 frames and evaluates on 30). The paper adds no spatial position encodings (they
+    gave no gain with its large encoder); ``spatial_positions=S`` adds a learned embedding per feature
+    position, for encoders whose features carry little of where they are (small ones, like the toy world's).
     """
 
     def __init__(
@@ -57,10 +59,12 @@ class PerceiverResampler(nn.Module):
         ff_mult: int = 4,
         max_num_frames: int = 8,
         activation: str = "squared_relu",
+        spatial_positions: int = 0,
     ) -> None:
         super().__init__()
         self.latents = nn.Parameter(torch.randn(num_latents, dim))
         self.time_embeddings = nn.Parameter(torch.randn(max_num_frames, dim) * 0.02)
+        self.spatial_embeddings = nn.Parameter(torch.randn(spatial_positions, dim) * 0.02) if spatial_positions else None
         self.layers = nn.ModuleList(
             nn.ModuleList(
                 [
@@ -109,6 +113,13 @@ class PerceiverResampler(nn.Module):
         if frame_mask is not None and frame_mask.shape != (m, t):
             raise ValueError(f"frame_mask must have shape {(m, t)}, got {tuple(frame_mask.shape)}")
         x = features + self.frame_time_embeddings(t, frame_mask).to(features.dtype)[:, :, None, :]
+        if self.spatial_embeddings is not None:
+            if s != self.spatial_embeddings.shape[0]:
+                raise ValueError(
+                    f"the resampler has {self.spatial_embeddings.shape[0]} spatial position embeddings but the vision "
+                    f"encoder gives {s} features per frame: set resampler_spatial_positions={s} (or 0)"
+                )
+            x = x + self.spatial_embeddings.to(features.dtype)
         x = rearrange(x, "m t s d -> m (t s) d")
         key_mask = None
         if frame_mask is not None:
