@@ -35,6 +35,9 @@ def test_bench_tiny_writes_json_and_table(tmp_path, capsys):
 
     assert "| train step (s) |" in printed and "| 3 images: prefill (s) |" in printed and "| beam: decode tokens/s |" in printed
 
+    assert main(["bench", "--report", str(out)]) == 0  # re-summarised from the JSON alone: the same table
+    assert capsys.readouterr().out.strip() == printed.split("\n\nresults:")[0].strip()
+
 
 def test_interleaved_ids_layout():
     ids = interleaved_ids(2, 20, 3, media_id=90, eoc_id=91, vocab=50, seed=0, open_end=True)

@@ -41,10 +41,17 @@ def run_side(side: str, workload: str, spec: dict[str, Any], peer_python: str | 
     return json.loads(out_file.read_text())
 
 
-def run_bench(config: BenchConfig, *, peer_python: str | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_bench(
+    config: BenchConfig,
+    *,
+    peer_python: str | None = None,
+    log: Callable[[str], None] = print,
+    on_run: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Every workload of ``config`` on our side (and on OpenFlamingo's when ``peer_python`` is given).
 
-    Returns {"config", "runs": {side: {workload: [run, ...]}}, "summary": {...}}.
+    Returns {"config", "runs": {side: {workload: [run, ...]}}, "summary": {...}}. ``on_run`` gets the
+    runs so far after each subprocess (to save partial results of a long benchmark).
     """
     sides = ["ours"] + (["openflamingo"] if peer_python else [])
     if peer_python and not Path(peer_python).exists():
@@ -59,12 +66,20 @@ def run_bench(config: BenchConfig, *, peer_python: str | None = None, log: Calla
                     start = time.perf_counter()
                     runs[side][workload].append(run_side(side, workload, spec, peer_python, Path(tmp)))
                     log(f"{side:>12} {workload:<9} round {r + 1}/{config.rounds}: {time.perf_counter() - start:.1f} s")
+                    if on_run is not None:
+                        on_run({"config": spec, "runs": runs, "partial": True})
     return {"config": spec, "runs": runs, "summary": summarize(runs, config)}
 
 
 # ---- aggregation ------------------------------------------------------------------------------
 def _all(runs: list[dict], get: Callable[[dict], list[float]]) -> list[float]:
     return [x for run in runs for x in get(run)]
+
+
+def _decode_rate(runs: list[dict], new_tokens: int) -> float | None:
+    """Tokens/s past the first: (new - 1) / median over back-to-back pairs of (total - prefill) seconds."""
+    decode = median(t - p for run in runs for p, t in zip(run["prefill_s"], run["total_s"]))
+    return (new_tokens - 1) / decode if decode > 0 else None  # None: lost in the noise of the prefill
 
 
 def _memory(runs: list[dict], get: Callable[[dict], float]) -> dict[str, float]:
@@ -88,10 +103,10 @@ def summarize_side(side_runs: dict[str, list[dict]], config: BenchConfig) -> dic
         new = runs[0]["new_tokens"]
         out["generate"] = {}
         for mode in ("greedy", "beam"):
-            prefill = median(_all(runs, lambda r: r[mode]["prefill_s"]))
-            total = median(_all(runs, lambda r: r[mode]["total_s"]))
             out["generate"][mode] = {
-                "prefill_s": prefill, "total_s": total, "decode_tokens_per_s": (new - 1) / max(total - prefill, 1e-9),
+                "prefill_s": median(_all(runs, lambda r: r[mode]["prefill_s"])),
+                "total_s": median(_all(runs, lambda r: r[mode]["total_s"])),
+                "decode_tokens_per_s": _decode_rate([r[mode] for r in runs], new),
                 **_memory(runs, lambda r: r[mode]["peak_mib"]),
             }
     if side_runs.get("scaling"):
@@ -99,12 +114,11 @@ def summarize_side(side_runs: dict[str, list[dict]], config: BenchConfig) -> dic
         rows = []
         for i, first in enumerate(runs[0]["rows"]):
             pick = [run["rows"][i] for run in runs]
-            prefill = median(_all(pick, lambda r: r["prefill_s"]))
-            total = median(_all(pick, lambda r: r["total_s"]))
             xattn = median(_all(pick, lambda r: r["xattn_s"]))
             rows.append({
-                "images": first["images"], "prompt_tokens": first["prompt_tokens"], "prefill_s": prefill,
-                "decode_tokens_per_s": (first["new_tokens"] - 1) / max(total - prefill, 1e-9),
+                "images": first["images"], "prompt_tokens": first["prompt_tokens"],
+                "prefill_s": median(_all(pick, lambda r: r["prefill_s"])),
+                "decode_tokens_per_s": _decode_rate(pick, first["new_tokens"]),
                 "xattn_us_per_token": 1e6 * xattn / first["prompt_tokens"],
                 "vision_s": median(_all(pick, lambda r: r["vision_s"])),
                 "peak_mib": median(r["peak_mib"] for r in pick),
@@ -140,6 +154,10 @@ def summarize(runs: dict[str, dict[str, list]], config: BenchConfig) -> dict[str
     return summary
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a / b
+
+
 def ratios(ours: dict[str, Any], peer: dict[str, Any]) -> dict[str, Any]:
     r: dict[str, Any] = {}
     if "train" in ours:
@@ -150,12 +168,12 @@ def ratios(ours: dict[str, Any], peer: dict[str, Any]) -> dict[str, Any]:
             o, p = ours["generate"][mode], peer["generate"][mode]
             r[f"{mode}_total_speedup"] = p["total_s"] / o["total_s"]
             r[f"{mode}_prefill_speedup"] = p["prefill_s"] / o["prefill_s"]
-            r[f"{mode}_decode_speedup"] = o["decode_tokens_per_s"] / p["decode_tokens_per_s"]
+            r[f"{mode}_decode_speedup"] = _ratio(o["decode_tokens_per_s"], p["decode_tokens_per_s"])
             r[f"{mode}_memory"] = o["peak_above_import_mib"] / p["peak_above_import_mib"]
     if "scaling" in ours:
         r["scaling"] = [
             {"images": o["images"], "prefill_speedup": p["prefill_s"] / o["prefill_s"],
-             "decode_speedup": o["decode_tokens_per_s"] / p["decode_tokens_per_s"],
+             "decode_speedup": _ratio(o["decode_tokens_per_s"], p["decode_tokens_per_s"]),
              "xattn_speedup": p["xattn_us_per_token"] / o["xattn_us_per_token"]}
             for o, p in zip(ours["scaling"], peer["scaling"])
         ]
@@ -180,7 +198,7 @@ def table(result: dict[str, Any]) -> str:
     def add(label: str, get: Callable[[dict], float], kind: str = "time") -> None:
         """kind "time": ratio = theirs / ours (speed-up); "rate" and "memory": ours / theirs."""
         o, p = get(ours), get(peer) if peer else None
-        rows.append((label, o, p, None if p is None else p / o if kind == "time" else o / p))
+        rows.append((label, o, p, _ratio(p, o) if kind == "time" else _ratio(o, p)))
 
     if "train" in ours:
         add("train step (s)", lambda x: x["train"]["step_s"])
