@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import gc
 import json
-import os
 import platform
 import resource
 import statistics
