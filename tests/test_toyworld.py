@@ -3,6 +3,8 @@
 import hashlib
 import io
 import json
+import random
+import re
 import tarfile
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from PIL import Image
 
 from flamingo_vlm.toyworld import text as T
 from flamingo_vlm.toyworld.generate import WorldSizes, generate_world
-from flamingo_vlm.toyworld.world import SHAPES
+from flamingo_vlm.toyworld.world import SHAPES, sample_scene
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -106,3 +108,18 @@ def test_lm_corpus_never_contains_the_heldout_formats(world):
     corpus = (world / "text" / "lm_corpus.txt").read_text()
     assert T.HELDOUT_PREFIX + ":" not in corpus
     assert not any(f" {w}." in corpus or f" {w}\n" in corpus for w in T.HELDOUT_NONCE_WORDS)
+
+
+def test_naming_documents_bind_few_words_and_repeat_them():
+    """The LM can only learn to look a word up in its context from documents that use each word again."""
+    rng = random.Random(0)
+    for _ in range(50):
+        doc = T.naming_text_document(rng, [sample_scene(rng) for _ in range(7)])
+        words = re.findall(r"(?:is a |: )(\w+)", doc)
+        assert len(words) == 7 and 2 <= len(set(words)) <= 3
+        assert not set(words) & set(T.HELDOUT_NONCE_WORDS)
+
+
+def test_heldout_prefix_is_never_a_generated_prefix():
+    rng = random.Random(0)
+    assert T.HELDOUT_PREFIX not in {T.nonce_word(rng).capitalize() for _ in range(20000)}

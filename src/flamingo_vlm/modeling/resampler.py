@@ -64,7 +64,8 @@ class PerceiverResampler(nn.Module):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(num_latents, dim))
         self.time_embeddings = nn.Parameter(torch.randn(max_num_frames, dim) * 0.02)
-        self.spatial_embeddings = nn.Parameter(torch.randn(spatial_positions, dim) * 0.02) if spatial_positions else None
+        # at the scale of the latents (and of typical features): smaller, they are lost in the features under the LayerNorm
+        self.spatial_embeddings = nn.Parameter(torch.randn(spatial_positions, dim)) if spatial_positions else None
         self.layers = nn.ModuleList(
             nn.ModuleList(
                 [

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from . import text as T
 from .world import COLOURS, SHAPES, Scene, render_scene, render_video, sample_scene, sample_video_scene
 
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 
 
 @dataclass
@@ -101,7 +101,7 @@ def _document(rng: random.Random, key: str) -> dict:
         attribute = rng.choice(("shape", "colour"))
         values = rng.sample(SHAPES if attribute == "shape" else tuple(COLOURS), k=rng.choice((2, 2, 3)))
         style = T.document_style(rng, fmt, attribute, values)
-        scenes = [sample_scene(rng, **{attribute: rng.choice(values)}) for _ in range(n)]
+        scenes = [sample_scene(rng, **{attribute: v}) for v in T.spread(rng, values, n)]
     else:
         style, scenes = T.document_style(rng, fmt), []
         while len(scenes) < n:
@@ -129,10 +129,10 @@ def lm_corpus(rng: random.Random, num_documents: int) -> list[str]:
     for _ in range(num_documents):
         kind = rng.random()
         scenes = [sample_scene(rng) for _ in range(rng.randint(4, 9))]
-        if kind < 0.4:
+        if kind < 0.35:
             docs.append(T.structured_lines_document(rng, scenes))
-        elif kind < 0.6:
-            docs.append(T.naming_text_document(rng, scenes))
+        elif kind < 0.65:
+            docs.append(T.naming_text_document(rng, scenes + [sample_scene(rng) for _ in range(3)]))
         elif kind < 0.85:
             fmt = rng.choice([f for f in T.DOC_FORMATS if f != "naming"])
             style = T.document_style(rng, fmt)

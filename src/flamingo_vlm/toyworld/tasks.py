@@ -1,7 +1,7 @@
 """The toy world's held-out tasks: skills that can only come from the shots in the prompt.
 
 - :class:`NewFormatTask` (held-out a): report a picture's attributes under a prefix never seen in
-  training ("Attributes:"), in one of the 6 orders of (colour, size, position). The order is only given
+  training ("Item:"), in one of the 6 orders of (colour, size, position). The order is only given
   by the shots, so a 0-shot guess can match at most one layout; the score is the mean over all layouts.
 - :class:`LabelMappingTask` (held-out b): two colours are bound to two words that exist only inside the
   prompt ("This is a gorp."); the query is ranked between the two words. Chance is 50%.
@@ -32,7 +32,7 @@ def _read_scenes(scenes_json: str | Path, split: str) -> list[Example]:
 
 @register_task("toy_new_format")
 class NewFormatTask(Task):
-    """Held-out (a): "Attributes: <colour/size/position in the prompt's order>"; exact match, mean over layouts."""
+    """Held-out (a): "Item: <colour/size/position in the prompt's order>"; exact match, mean over layouts."""
 
     name = "heldout_new_format"
     kind = "generate"

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
-from .world import COUNTS, PLURALS, Scene, VideoScene
+from .world import COLOURS, COUNTS, PLURALS, SHAPES, Scene, VideoScene
 
 # Words bound to shapes inside one document (training) or one prompt (the held-out label-mapping task).
 # Training documents use fresh random nonce words, so the skill learned is to read the binding from the
@@ -103,7 +104,7 @@ def chunk_text(scene: Scene, fmt: str, style: dict | None = None) -> str | None:
     raise ValueError(f"unknown document format {fmt!r}")
 
 
-DOC_FORMATS = ("caption", "qa", "Colour", "Shape", "Size", "Count", "naming", "structured", "structured")
+DOC_FORMATS = ("caption", "qa", "Colour", "Shape", "Size", "Count", "naming", "naming", "structured", "structured")
 DOC_TITLES = ("my shapes.", "a page of pictures.", "look at these.", "shapes i drew today.", "picture notes.", "")
 STRUCTURED_ATTRIBUTES = ("size", "colour", "shape", "count_word", "position")
 
@@ -119,7 +120,7 @@ def document_style(rng: random.Random, fmt: str, attribute: str | None = None, v
     return {}
 
 
-HELDOUT_PREFIX = "Attributes"
+HELDOUT_PREFIX = "Item"  # starts with a vowel: the nonce-word generator (onset first) never makes it
 
 
 def structured_lines_document(rng: random.Random, scenes: list[Scene]) -> str:
@@ -136,11 +137,23 @@ def structured_lines_document(rng: random.Random, scenes: list[Scene]) -> str:
     return "\n".join(f"{prefix}: " + sep.join(row) for row in rows if None not in row)
 
 
+def spread(rng: random.Random, values: list[str], n: int) -> list[str]:
+    """n values in random order: each of ``values`` at least once (n >= len(values)), the rest drawn again."""
+    out = list(values) + [rng.choice(values) for _ in range(n - len(values))]
+    rng.shuffle(out)
+    return out
+
+
 def naming_text_document(rng: random.Random, scenes: list[Scene]) -> str:
-    """Text-only LM pretraining: fresh nonce words bound to shapes or colours within the document."""
+    """Text-only LM pretraining: fresh nonce words bound to 2-3 shapes or colours within the document.
+
+    Each word comes back several times: only repetition teaches the LM to look a binding up in its
+    context (the held-out label-mapping task needs exactly that); words named once teach nothing.
+    """
     attribute = rng.choice(("shape", "colour"))
-    values = sorted({getattr(s, attribute) for s in scenes})
+    values = rng.sample(SHAPES if attribute == "shape" else tuple(COLOURS), k=rng.choice((2, 2, 3)))
     names = dict(zip(values, nonce_words(rng, len(values))))
+    scenes = [replace(s, **{attribute: v}) for s, v in zip(scenes, spread(rng, values, len(scenes)))]
     if rng.random() < 0.5:
         return " ".join(f"the {getattr(s, attribute)} one is a {names[getattr(s, attribute)]}." for s in scenes)
     return "\n".join(f"{s.colour} {s.shape}: {names[getattr(s, attribute)]}" for s in scenes)
