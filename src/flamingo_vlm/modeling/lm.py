@@ -142,6 +142,12 @@ class ExtendedLMHead(nn.Module):
     def new_rows(self) -> torch.Tensor:
         return self.new_weight if self.tied_to is None else self.tied_to[0].weight
 
+    @property
+    def vocab_size(self) -> int:
+        """The logits' width (see the class docstring)."""
+        end = self.first_new_id + self.num_new
+        return end if self.truncate else max(self.base.weight.shape[0], end)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         base = self.base(hidden)
         new = (hidden.to(self.new_rows().dtype) @ self.new_rows().T).to(base.dtype)
@@ -194,11 +200,11 @@ def add_new_token_rows(lm: nn.Module, num_new: int, first_new_id: int, truncate:
     if base_out is None:
         raise ValueError(f"{type(lm).__name__} has no output embeddings (LM head): is it a causal LM?")
     tied = bool(getattr(_text_config(lm), "tie_word_embeddings", False)) and base_out.weight is base_in.weight
-    lm.set_output_embeddings(ExtendedLMHead(base_out, num_new, first_new_id, tied_to=embed.new if tied else None, truncate=truncate))
+    head = ExtendedLMHead(base_out, num_new, first_new_id, tied_to=embed.new if tied else None, truncate=truncate)
+    lm.set_output_embeddings(head)
     # As resize_token_embeddings does: the config's vocabulary is the logits' width now (transformers'
     # beam search before 5.2x reshapes scores by config.vocab_size, not by the logits it gets).
-    end = first_new_id + num_new
-    _text_config(lm).vocab_size = end if truncate else max(base_out.weight.shape[0], end)
+    _text_config(lm).vocab_size = head.vocab_size
 
 
 def _install_generation_hook(lm: nn.Module) -> None:
