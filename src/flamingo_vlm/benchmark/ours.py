@@ -32,7 +32,8 @@ def build_backbones(spec: dict[str, Any]):
 
 
 class OurSide:
-    """flamingo_vlm's FlamingoModel; frozen backbones in bf16 when the preset's precision is bf16."""
+    """flamingo_vlm's FlamingoModel; frozen backbones in bf16 when the preset's precision is bf16, its dense
+    per-layer work under ``torch.compile`` when the preset's ``compile`` is set."""
 
     def __init__(self, spec: dict[str, Any], device: torch.device) -> None:
         from .. import build_flamingo
@@ -45,6 +46,10 @@ class OurSide:
         torch.manual_seed(spec["seed"] + 1)
         self.model, _ = build_flamingo(lm, vision, tokenizer, **spec["flamingo"])
         self.model.to(device)
+        if spec.get("compile"):
+            from ..training.distributed import apply_compile
+
+            apply_compile(self.model, vision=True)
         self.media_token_id = self.model.config.media_token_id
         self.eoc_token_id = self.model.config.end_of_chunk_token_id
 

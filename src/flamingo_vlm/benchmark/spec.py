@@ -51,6 +51,9 @@ class BenchConfig:
     threads: int | None = None  # torch.set_num_threads on both sides (default: torch's choice)
     device: str = "cpu"
     precision: str = "fp32"  # "fp32" or "bf16" (frozen backbones in bf16 + autocast; OpenFlamingo: autocast)
+    # torch.compile our dense per-layer work (training's apply_compile; the vision encoder's blocks too).
+    # OpenFlamingo has no such option: its side stays eager, so the table's ratios then include compile.
+    compile: bool = False
     peak_tflops: float | None = None  # for MFU; on CUDA guessed from the device name when None
     seed: int = 0
 

@@ -34,7 +34,7 @@ BRIDGE = dict(
 
 @dataclass
 class DemoSettings:
-    steps: int = 1500
+    steps: int = 2200
     lr: float = 1e-3
     warmup_steps: int = 50
     interleaved_batch: int = 12
@@ -164,6 +164,9 @@ def run_demo(out_dir: str | Path = "flamingo-demo", *, quick: bool = False, seed
     paths = ensure_toyworld(cache_dir, preset=world_preset or ("quick" if quick else "full"), progress=progress)
     world = paths["world"]
     built = time.time()
+    lm_info = json.loads((Path(paths["lm"]) / "DONE").read_text()) if (Path(paths["lm"]) / "DONE").is_file() else {}
+    if "text_binding_accuracy" in lm_info:  # the label-mapping task needs the LM to look words up in its context
+        print(f"toy LM: in-context binding in text {100 * lm_info['text_binding_accuracy']:.0f}% (chance 50%)")
 
     torch.manual_seed(seed)
     model, processor = build_flamingo(str(paths["lm"]), str(paths["clip"]), **BRIDGE)
@@ -204,6 +207,7 @@ def run_demo(out_dir: str | Path = "flamingo-demo", *, quick: bool = False, seed
     summary = {
         "seed": seed, "quick": quick, "settings": asdict(settings), "bridge": BRIDGE,
         "init_text_loss": init_loss, "lm_text_loss": lm_loss, "lm_unchanged": unchanged,
+        "lm_text_binding_accuracy": lm_info.get("text_binding_accuracy"),
         "train": {"final": trained.history[-1] if trained.history else None, "losses": [h["loss"] for h in trained.history]},
         "seconds": {"backbones": built - start, "train": trained_at - built, "eval": time.time() - trained_at, "total": time.time() - start},
         "summary": results["summary"],

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from . import text as T
 from .world import COLOURS, SHAPES, Scene, render_scene, render_video, sample_scene, sample_video_scene
 
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 
 
 @dataclass
@@ -124,7 +124,8 @@ def _document(rng: random.Random, key: str) -> dict:
 
 
 def lm_corpus(rng: random.Random, num_documents: int) -> list[str]:
-    """Text-only documents for pretraining the toy LM: structured lines, naming, Q&A, descriptions."""
+    """Text-only documents for pretraining the toy LM: structured lines, naming, Q&A, descriptions, and
+    (one more for every three of those) dense word bindings, shuffled."""
     docs = []
     for _ in range(num_documents):
         kind = rng.random()
@@ -143,6 +144,8 @@ def lm_corpus(rng: random.Random, num_documents: int) -> list[str]:
         else:
             videos = [sample_video_scene(rng) for _ in range(3)]
             docs.append(" ".join(T.video_caption(v).capitalize() for v in videos))
+    docs += [T.binding_text_document(rng) for _ in range(num_documents // 3)]
+    rng.shuffle(docs)
     return docs
 
 

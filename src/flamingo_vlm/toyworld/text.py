@@ -157,3 +157,19 @@ def naming_text_document(rng: random.Random, scenes: list[Scene]) -> str:
     if rng.random() < 0.5:
         return " ".join(f"the {getattr(s, attribute)} one is a {names[getattr(s, attribute)]}." for s in scenes)
     return "\n".join(f"{s.colour} {s.shape}: {names[getattr(s, attribute)]}" for s in scenes)
+
+
+BINDING_KEYS = tuple(COLOURS) + tuple(SHAPES)
+
+
+def binding_text_document(rng: random.Random) -> str:
+    """Text-only LM pretraining: dense bindings of fresh words to keys ("red gorp, blue jiba, red gorp, ...").
+
+    After a word's first use, every use is predictable only by finding the same key earlier in the
+    document and copying what followed it: with the random repeats of :func:`~.backbones.pretrain_lm`,
+    these documents are what makes the LM form induction heads, the copying the label-mapping task needs.
+    """
+    keys = rng.sample(BINDING_KEYS, k=rng.choice((2, 3, 4, 5)))
+    names = dict(zip(keys, nonce_words(rng, len(keys))))
+    sep, bind = rng.choice((" ", ", ", "\n", ". ")), rng.choice((" ", ": ", " is "))
+    return sep.join(f"{k}{bind}{names[k]}" for k in spread(rng, keys, rng.randint(8, 16)))

@@ -140,10 +140,10 @@ def apply_activation_checkpointing(model) -> None:
         layer._flamingo_checkpointed = True
 
 
-def apply_compile(model, backend: str = "inductor") -> None:
+def apply_compile(model, backend: str = "inductor", *, vision: bool = False) -> None:
     """``torch.compile`` the dense per-layer work: every frozen LM layer, the resampler's layers and the
-    xattn feed-forwards (compiled in place: names unchanged). The routed cross-attention is data-
-    dependent (tokens grouped per image) and stays eager."""
+    xattn feed-forwards (compiled in place: names unchanged); with ``vision``, the vision encoder's blocks
+    too. The routed cross-attention is data-dependent (tokens grouped per image) and stays eager."""
     for layer in decoder_layers(model):
         layer.decoder_layer.compile(backend=backend, dynamic=True)
         if layer.gated_xattn is not None:
@@ -151,6 +151,9 @@ def apply_compile(model, backend: str = "inductor") -> None:
     for attn, ff in model.resampler.layers:
         attn.compile(backend=backend, dynamic=True)
         ff.compile(backend=backend, dynamic=True)
+    if vision:
+        for block in _vision_blocks(model.vision_encoder):
+            block.compile(backend=backend, dynamic=True)
 
 
 def _vision_blocks(encoder: nn.Module) -> list[nn.Module]:
