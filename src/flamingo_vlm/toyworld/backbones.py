@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..modeling.vision import ImageTransform
-from .world import IMAGE_SIZE
+from .text import HELDOUT_NONCE_WORDS, spread
+from .world import COLOURS, IMAGE_SIZE
 
 TOY_MEAN = (0.5, 0.5, 0.5)
 TOY_STD = (0.25, 0.25, 0.25)
@@ -156,11 +158,8 @@ def pretrain_lm(world: Path, out_dir: Path, sizes: BackboneSizes, seed: int = 0,
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    binding = text_binding_accuracy(model, tokenizer)
-    if progress:
-        print(f"toy LM: in-context binding in text {100 * binding:.0f}% (chance 50%)")
     return {"final_loss": sum(losses[-20:]) / len(losses[-20:]), "params": sum(p.numel() for p in model.parameters()),
-            "text_binding_accuracy": binding}
+            "text_binding_accuracy": text_binding_accuracy(model, tokenizer)}
 
 
 @torch.no_grad()
@@ -171,11 +170,6 @@ def text_binding_accuracy(model, tokenizer, trials: int = 100, shots: int = 8, s
     bound word's first token must beat the other word's. Chance is 0.5: an LM without induction heads
     cannot do better, and neither can a Flamingo built on it (the label-mapping task needs this lookup).
     """
-    import random
-
-    from .text import HELDOUT_NONCE_WORDS, spread
-    from .world import COLOURS
-
     rng = random.Random(seed)
     device = next(model.parameters()).device
     right = 0.0
@@ -185,9 +179,9 @@ def text_binding_accuracy(model, tokenizer, trials: int = 100, shots: int = 8, s
         query = rng.choice(colours)
         # every key with its leading space: " red" at the start is the same token as " red" at the end
         prompt = "".join(f" {c} {words[c]}." for c in spread(rng, colours, shots)) + f" {query}"
-        n = len(tokenizer(prompt)["input_ids"])
-        first = [tokenizer(f"{prompt} {words[c]}")["input_ids"][n] for c in colours]
-        logits = model(input_ids=torch.tensor([tokenizer(prompt)["input_ids"]], device=device)).logits[0, -1]
+        ids = tokenizer(prompt)["input_ids"]
+        first = [tokenizer(f"{prompt} {words[c]}")["input_ids"][len(ids)] for c in colours]
+        logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, -1]
         mine, other = (first[0], first[1]) if query == colours[0] else (first[1], first[0])
         right += 0.5 if mine == other or logits[mine] == logits[other] else float(logits[mine] > logits[other])  # ties: half
     return right / trials

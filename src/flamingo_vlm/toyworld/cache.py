@@ -19,6 +19,12 @@ def _complete(path: Path) -> bool:
     return (path / "DONE").is_file()
 
 
+def build_info(path: str | Path) -> dict:
+    """What a finished build recorded in its DONE file (e.g. the toy LM's loss and binding accuracy); {} if unbuilt."""
+    path = Path(path)
+    return json.loads((path / "DONE").read_text()) if _complete(path) else {}
+
+
 def _build_atomically(final: Path, build) -> dict:
     """Run ``build(tmp_dir)`` in a temporary directory, then rename it into place (a killed build leaves nothing)."""
     tmp = final.with_name(final.name + f".tmp{os.getpid()}")

@@ -20,7 +20,7 @@ import torch
 
 from .. import build_flamingo
 from ..evaluation import Classification, CocoCaptioning, VideoQA, VQATask, evaluate, format_results_table
-from .cache import ensure_toyworld
+from .cache import build_info, ensure_toyworld
 from .tasks import LabelMappingTask, NewFormatTask
 
 # The bridge trained by the demo (~0.7M parameters): small, so it trains in minutes on two cores.
@@ -164,7 +164,7 @@ def run_demo(out_dir: str | Path = "flamingo-demo", *, quick: bool = False, seed
     paths = ensure_toyworld(cache_dir, preset=world_preset or ("quick" if quick else "full"), progress=progress)
     world = paths["world"]
     built = time.time()
-    lm_info = json.loads((Path(paths["lm"]) / "DONE").read_text()) if (Path(paths["lm"]) / "DONE").is_file() else {}
+    lm_info = build_info(paths["lm"])
     if "text_binding_accuracy" in lm_info:  # the label-mapping task needs the LM to look words up in its context
         print(f"toy LM: in-context binding in text {100 * lm_info['text_binding_accuracy']:.0f}% (chance 50%)")
 
