@@ -131,10 +131,10 @@ def test_non_finite_loss_is_reported_and_the_step_skipped(data, tmp_path):
     def poison(module, args, kwargs, output):
         calls["n"] += 1
         if calls["n"] == 3:  # step 2, its first dataset (docs)
-            output.logits = output.logits * float("nan")
+            output.last_hidden_state = output.last_hidden_state * float("nan")
         return output
 
-    model.lm.register_forward_hook(poison, with_kwargs=True)
+    model.lm.base_model.register_forward_hook(poison, with_kwargs=True)  # training fuses the head with the loss
     snapshots = []
     result = train(model, processor, config(data, tmp_path, steps=3), progress=False,
                    callback=lambda record: snapshots.append({n: p.detach().clone() for n, p in model.trainable_parameters()}))
@@ -146,7 +146,7 @@ def test_non_finite_loss_is_reported_and_the_step_skipped(data, tmp_path):
 
     model, processor = build("llama")
     calls["n"] = 0
-    model.lm.register_forward_hook(poison, with_kwargs=True)
+    model.lm.base_model.register_forward_hook(poison, with_kwargs=True)
     with pytest.raises(FloatingPointError, match=r"step 2: non-finite loss .* in docs; batch: \[.*docs-0000\d\.tar#docs"):
         train(model, processor, config(data, tmp_path, steps=3, nan_policy="stop", output_dir=str(tmp_path / "stop")), progress=False)
 

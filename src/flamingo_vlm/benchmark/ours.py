@@ -73,7 +73,8 @@ class OurSide:
 
         def step() -> None:
             with autocast(self.spec):
-                loss = model(input_ids=input_ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
+                # as the training loop does: the loss fused with the LM head, no [B, L, V] logits kept
+                loss = model(input_ids=input_ids, attention_mask=mask, pixel_values=pixels, labels=labels, return_logits=False).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import FlamingoConfig
 from .context import GenerationMediaContext, MediaContext
-from .lm import ExtendedEmbedding, ExtendedLMHead, FlamingoDecoderLayer, add_new_token_rows, find_decoder_layers, wrap_lm
+from .lm import (
+    ExtendedEmbedding,
+    ExtendedLMHead,
+    FlamingoDecoderLayer,
+    add_new_token_rows,
+    find_decoder_layers,
+    wrap_lm,
+)
+from .loss import PLAIN_HEAD_MODEL_TYPES, causal_lm_loss, head_cross_entropy
 from .masking import build_routing
 from .resampler import PerceiverResampler
 from .vision import VisionEncoder
@@ -25,11 +33,12 @@ WEIGHTS_NAME = "model.safetensors"
 
 @dataclass
 class FlamingoOutput:
-    """loss: scalar mean token NLL over labels != -100 (None without labels); logits [B, L, V];
-    cache: the LM's KV cache when use_cache; visual_tokens [M, n, d_visual]."""
+    """loss: scalar token NLL over labels != -100, mean or sum (None without labels); logits [B, L, V]
+    (None when the loss was fused with the LM head); cache: the LM's KV cache when use_cache;
+    visual_tokens [M, n, d_visual]."""
 
     loss: torch.Tensor | None
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None when the loss was fused with the LM head (``return_logits=False``)
     cache: Any = None
     visual_tokens: torch.Tensor | None = None
 
@@ -105,7 +114,7 @@ class FlamingoModel(nn.Module):
         _, layers = find_decoder_layers(self.lm, self.decoder_layers_attr)
         return [layer.gated_xattn for layer in layers if isinstance(layer, FlamingoDecoderLayer) and layer.gated_xattn is not None]
 
-    def train(self, mode: bool = True) -> "FlamingoModel":
+    def train(self, mode: bool = True) -> FlamingoModel:
         """Only the bridge follows ``mode``; the frozen backbones always run in eval mode."""
         super().train(mode)
         self.vision_encoder.eval()
@@ -275,6 +284,8 @@ class FlamingoModel(nn.Module):
         cache: Any = None,
         use_cache: bool = False,
         past_input_ids: torch.Tensor | None = None,
+        return_logits: bool = True,
+        loss_reduction: str = "mean",
         **lm_kwargs: Any,
     ) -> FlamingoOutput:
         """input_ids / attention_mask / labels [B, L]; media as pixel_values [M, T, C, H, W] (or [M, C, H, W],
@@ -283,7 +294,14 @@ class FlamingoModel(nn.Module):
         The M media are the batch's ``<image>`` tokens in row order. Continuing from a KV ``cache``, pass
         the tokens already in it as ``past_input_ids`` [B, P] (and the media of the whole sequence): the
         new tokens then attend to the images of the prefix. Returns a :class:`FlamingoOutput`.
+
+        With ``labels``, ``loss`` is the next-token NLL, ``loss_reduction`` "mean" or "sum" over the predicted
+        tokens. ``return_logits=False`` (training) computes it fused with the LM head where the LM allows
+        (:func:`~flamingo_vlm.modeling.loss.head_cross_entropy`), never holding the [B, L, V] logits; ``logits``
+        is then None.
         """
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         full_ids = input_ids if past_input_ids is None else torch.cat([past_input_ids, input_ids], dim=1)
         visual, counts = self._visual_tokens(full_ids, pixel_values, frame_mask, vision_features, visual_tokens)
         context = None
@@ -301,15 +319,22 @@ class FlamingoModel(nn.Module):
             # prompt gets the positions it would have unpadded (matters for absolute position embeddings)
             position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
             lm_kwargs["position_ids"] = position_ids[:, -input_ids.shape[1] :]
-        out = self.lm(
-            input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=use_cache, flamingo_context=context, **lm_kwargs
-        )
-        loss = None
-        if labels is not None:
-            if labels.shape != input_ids.shape:
-                raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
-            loss = causal_lm_loss(out.logits, labels)
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        lm_inputs = dict(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=use_cache, flamingo_context=context, **lm_kwargs)
+        if labels is not None and not return_logits and not use_cache and self.fused_loss_supported:
+            hidden = self.lm.base_model(**lm_inputs)[0]
+            loss = head_cross_entropy(hidden, self.lm.get_output_embeddings(), labels, loss_reduction)
+            return FlamingoOutput(loss=loss, logits=None, visual_tokens=visual)
+        out = self.lm(**lm_inputs)
+        loss = None if labels is None else causal_lm_loss(out.logits, labels, loss_reduction)
         return FlamingoOutput(loss=loss, logits=out.logits, cache=getattr(out, "cache", None), visual_tokens=visual)
+
+    @property
+    def fused_loss_supported(self) -> bool:
+        """Whether the LM's logits are exactly its head applied to its base model's output (see
+        :data:`~flamingo_vlm.modeling.loss.PLAIN_HEAD_MODEL_TYPES`), so the loss can be fused with the head."""
+        return self.lm.config.model_type in PLAIN_HEAD_MODEL_TYPES and self.lm.base_model is not self.lm
 
     @torch.no_grad()
     def generate(
@@ -394,7 +419,7 @@ class FlamingoModel(nn.Module):
         vision: Any = None,
         lm_kwargs: dict[str, Any] | None = None,
         vision_kwargs: dict[str, Any] | None = None,
-    ) -> "FlamingoModel":
+    ) -> FlamingoModel:
         """Rebuild from :meth:`save_pretrained`; backbones from the paths in the config unless given."""
         from ..builder import load_backbones
 
@@ -404,11 +429,3 @@ class FlamingoModel(nn.Module):
         model.load_flamingo_state_dict(load_file(os.path.join(directory, WEIGHTS_NAME), device=str(model.device)))
         model._set_trainable()
         return model
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token NLL: logits [B, L, V] predict labels shifted by one; -100 is ignored."""
-    shifted = labels[:, 1:]
-    if not bool((shifted != -100).any()):
-        return logits.sum() * 0.0  # nothing to predict: a zero that keeps the graph
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=-100)

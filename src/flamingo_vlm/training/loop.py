@@ -19,14 +19,14 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from ..data.labels import IGNORE_INDEX, collate
+from ..data.labels import collate
 from ..data.mixture import COUNT_KEYS, Mixture
 from ..data.samples import Sample
 from .checkpoint import CHECKPOINTS_DIR, latest_checkpoint, load_checkpoint, save_checkpoint, save_final
@@ -60,11 +60,6 @@ class DatasetBatch:
     num_targets: int  # target tokens of this dataset's *global* batch this step
 
 
-def token_nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token NLL: logits [B, L, V] predict labels [B, L] shifted by one; -100 ignored."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-
-
 def micro_batches(samples: list[Sample], size: int | None, *, pad_token_id: int, media_token_id: int) -> list[dict]:
     size = size or len(samples)
     return [collate(samples[i : i + size], pad_token_id=pad_token_id, media_token_id=media_token_id) for i in range(0, len(samples), size)]
@@ -87,9 +82,9 @@ def forward_backward(model, parts: list[DatasetBatch], *, device: torch.device, 
             set_gradient_sync(model, done == total)  # one reduction per step, in the last backward
             inputs = {k: batch[k].to(device, non_blocking=True) if torch.is_tensor(batch[k]) else batch[k]
                       for k in ("input_ids", "attention_mask", "pixel_values", "frame_mask")}
-            with autocast_context(precision, device):
-                logits = model(**inputs).logits
-            nll = token_nll_sum(logits, batch["labels"].to(device, non_blocking=True))
+            labels = batch["labels"].to(device, non_blocking=True)
+            with autocast_context(precision, device):  # the loss fused with the LM head: no [B, L, V] logits kept
+                nll = model(**inputs, labels=labels, return_logits=False, loss_reduction="sum").loss
             (nll * scale).backward()
             nll_sum += nll.detach()
         sums.append(nll_sum)
@@ -279,4 +274,4 @@ def train(
     return result
 
 
-__all__ = ["TrainResult", "train", "forward_backward", "token_nll_sum", "micro_batches", "resolve_resume", "CHECKPOINTS_DIR"]
+__all__ = ["CHECKPOINTS_DIR", "TrainResult", "forward_backward", "micro_batches", "resolve_resume", "train"]
