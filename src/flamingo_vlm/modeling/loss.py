@@ -86,13 +86,17 @@ def head_weights(head: nn.Module) -> list[torch.Tensor]:
 
 
 def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor, reduction: str = "mean",
-                       chunk_bytes: int = 32 << 20) -> torch.Tensor:
+                       chunk_bytes: int | None = None) -> torch.Tensor:
     """Next-token NLL of ``head(hidden)`` without materialising the logits.
 
     hidden [B, L, d] (the LM's final hidden states), labels [B, L] (unshifted; -100 ignored). Equal to
     ``causal_lm_loss(head(hidden), labels, reduction)`` up to float rounding. Rows without a target (padding,
-    ``<image>`` tokens) are skipped; the rest go through the head ``chunk_bytes`` of fp32 logits at a time.
+    ``<image>`` tokens) are skipped; the rest go through the head ``chunk_bytes`` of fp32 logits at a time
+    (default 8 MiB on CPU, where small chunks also keep glibc's heap from growing, and 256 MiB on GPUs,
+    where a matrix product needs many rows to run at speed).
     """
+    if chunk_bytes is None:
+        chunk_bytes = (256 << 20) if hidden.is_cuda else (8 << 20)
     shifted = shift_labels(labels).flatten()
     keep = (shifted != IGNORE_INDEX).nonzero().squeeze(1)
     if keep.numel() == 0:
