@@ -37,7 +37,9 @@ class DemoSettings:
     steps: int = 2200
     lr: float = 1e-3
     warmup_steps: int = 50
-    interleaved_batch: int = 12
+    interleaved_batch: int = 8
+    interleaved_max_images: int = 9  # an 8-shot prompt holds 9 images: train on as many
+    interleaved_max_tokens: int = 192
     pairs_batch: int = 12
     video_batch: int = 4
     shots: tuple[int, ...] = (0, 4, 8)
@@ -179,7 +181,7 @@ def run_demo(out_dir: str | Path = "flamingo-demo", *, quick: bool = False, seed
     config = TrainConfig(
         datasets=[
             DatasetConfig(name="interleaved", format="mmc4", paths=shards("interleaved"), batch_size=settings.interleaved_batch,
-                          loss_weight=1.0, max_tokens=160, max_images=5),
+                          loss_weight=1.0, max_tokens=settings.interleaved_max_tokens, max_images=settings.interleaved_max_images),
             DatasetConfig(name="pairs", format="pairs", paths=shards("pairs"), batch_size=settings.pairs_batch, loss_weight=0.2, max_tokens=32),
             DatasetConfig(name="video", format="video", paths=shards("videos"), batch_size=settings.video_batch, loss_weight=0.1,
                           max_tokens=32, num_frames=8),

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from . import text as T
 from .world import COLOURS, SHAPES, Scene, render_scene, render_video, sample_scene, sample_video_scene
 
-WORLD_VERSION = 3
+WORLD_VERSION = 4
 
 
 @dataclass
@@ -43,7 +43,8 @@ class WorldSizes:
     lm_documents: int = 12000
     eval_queries: int = 240
     eval_support: int = 400
-    images_per_document: tuple[int, int] = (3, 5)
+    # up to 9 images: an 8-shot prompt holds 9, and a bridge trained on fewer degrades with more shots
+    images_per_document: tuple[int, int] = (2, 9)
     shard_size: int = 1000
 
     @classmethod
@@ -93,10 +94,11 @@ class _ShardWriter:
         self.writer.close()
 
 
-def _document(rng: random.Random, key: str) -> dict:
-    """One bursty MMC4-style document: a title, then images each followed by a chunk in one format."""
+def _document(rng: random.Random, key: str, images: tuple[int, int] = (2, 9)) -> dict:
+    """One bursty MMC4-style document: a title, then ``images`` (min, max) images each followed by a chunk in
+    one format (naming documents have at least 4, so that their words come back)."""
     fmt = rng.choice(T.DOC_FORMATS)
-    n = rng.randint(2, 5) if fmt != "naming" else rng.randint(4, 5)
+    n = rng.randint(*images) if fmt != "naming" else rng.randint(max(4, images[0]), max(4, images[1]))
     if fmt == "naming":  # a few shapes (or colours) per document, each bound to a word for this document only
         attribute = rng.choice(("shape", "colour"))
         values = rng.sample(SHAPES if attribute == "shape" else tuple(COLOURS), k=rng.choice((2, 2, 3)))
@@ -248,7 +250,7 @@ def generate_world(directory: str | Path, *, seed: int = 0, sizes: WorldSizes | 
         return {"__key__": f"pair{i:07d}", "png": png_bytes(render_scene(s)), "txt": T.caption(s), "json": json.dumps(s.to_dict())}
 
     def document(r: random.Random, i: int) -> dict:
-        return {"__key__": f"doc{i:07d}", "json": json.dumps(_document(r, f"doc{i:07d}"))}
+        return {"__key__": f"doc{i:07d}", "json": json.dumps(_document(r, f"doc{i:07d}", sizes.images_per_document))}
 
     def video(r: random.Random, i: int) -> dict:
         v = sample_video_scene(r)
