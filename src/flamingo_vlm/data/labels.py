@@ -7,10 +7,9 @@ from typing import Sequence
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from ..modeling.loss import IGNORE_INDEX
 from ..processing import stack_media
 from .samples import Sample
-
-IGNORE_INDEX = -100
 
 
 def make_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, media_token_id: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # targets the loss skips (padding, <image>, text before the first image)
 
 # Causal LMs whose forward is exactly ``lm_head(base_model(...)[0])``: no logit soft-capping or scaling
 # after the head (Gemma 2/3, Cohere, Granite... have some), so the fused loss is the loss of their logits.

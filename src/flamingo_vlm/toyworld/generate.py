@@ -94,7 +94,7 @@ class _ShardWriter:
         self.writer.close()
 
 
-def _document(rng: random.Random, key: str, images: tuple[int, int] = (2, 9)) -> dict:
+def _document(rng: random.Random, key: str, images: tuple[int, int]) -> dict:
     """One bursty MMC4-style document: a title, then ``images`` (min, max) images each followed by a chunk in
     one format (naming documents have at least 4, so that their words come back)."""
     fmt = rng.choice(T.DOC_FORMATS)
