@@ -185,3 +185,21 @@ def test_spatial_position_embeddings_are_trained_and_saved():
     with torch.no_grad():
         out = model(**processor([image(RED), "a red square"]))
     assert out.visual_tokens.shape == (1, model.config.resampler_num_latents, model.config.vision_hidden_size)
+
+
+def test_spatial_embeddings_start_as_a_grid_code():
+    """Square grids start from 2-D sine-cosine codes: centred, unit scale, nearby features alike, so where a
+    feature is can be read linearly from the first step; other layouts start from random codes."""
+    from flamingo_vlm.modeling.resampler import spatial_position_init
+
+    codes = spatial_position_init(64, 96)  # an 8 x 8 grid, row-major
+    assert codes.shape == (64, 96)
+    torch.testing.assert_close(codes.mean(dim=0), torch.zeros(96), atol=1e-5, rtol=0)
+    assert abs(codes.std().item() - 1.0) < 1e-4
+    sim = (codes @ codes.T).view(64, 8, 8)
+    assert sim[0, 0, 0] > sim[0, 0, 1] > sim[0, 0, 2] and sim[0, 0, 0] > sim[0, 1, 0] > sim[0, 2, 0]
+    # left half against right half: one direction separates them, at every row
+    direction = codes.view(8, 8, 96)[:, :4].mean(dim=(0, 1)) - codes.view(8, 8, 96)[:, 4:].mean(dim=(0, 1))
+    score = (codes @ direction).view(8, 8)
+    assert (score[:, :4].min(dim=1).values > score[:, 4:].max(dim=1).values).all()
+    assert spatial_position_init(6, 8).shape == (6, 8)  # not a square grid: random codes

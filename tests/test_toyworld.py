@@ -1,5 +1,6 @@
 """The toy world generator: deterministic, and written in the formats real data comes in."""
 
+import base64
 import hashlib
 import io
 import json
@@ -70,6 +71,31 @@ def test_interleaved_documents_are_mmc4_and_bursty(world):
         assert not any(c.startswith(T.HELDOUT_PREFIX) for c in doc["text_list"])
     # as many images as an 8-shot prompt (9) in some documents: the bridge must see such lengths in training
     assert max(len(json.loads(s["json"])["image_info"]) for s in samples.values()) == 9
+
+
+def _object_colour(img: Image.Image) -> str:
+    """The toy colour most of the image's pixels have exactly (objects are drawn in flat colours)."""
+    counts = {name: 0 for name in COLOURS}
+    lookup = {rgb: name for name, rgb in COLOURS.items()}
+    for pixel in img.convert("RGB").getdata():
+        if pixel in lookup:
+            counts[lookup[pixel]] += 1
+    return max(counts, key=counts.get)
+
+
+def test_interleaved_naming_documents_bind_one_word_per_colour(world):
+    """Naming documents name colours (the toy vision encoder reads them reliably), one word each, words repeating."""
+    docs = [json.loads(s["json"]) for shard in sorted((world / "interleaved").glob("shard-*.tar")) for s in _members(shard).values()]
+    naming = [d for d in docs if d["format"] == "naming"]
+    assert naming
+    for doc in naming:
+        words: dict[str, str] = {}
+        for info in doc["image_info"]:
+            colour = _object_colour(Image.open(io.BytesIO(base64.b64decode(info["image_base64"]))))
+            word = re.fullmatch(r"This is a (\w+)\.", doc["text_list"][info["matched_text_index"]]).group(1)
+            assert words.setdefault(colour, word) == word, doc["text_list"]
+        assert len(set(words.values())) == len(words) >= 2
+        assert len(doc["image_info"]) > len(words)  # some word comes back: the lookup is learnable
 
 
 def test_videos_decode_to_frames(world):

@@ -43,7 +43,8 @@ class FlamingoConfig:
     resampler_ff_mult: int = 4
     # Number of learned time embeddings (frames seen in training); longer videos interpolate them.
     max_num_frames: int = 8
-    # Learned spatial position embeddings, one per vision feature of a frame (0: none, as in the paper).
+    # Learned spatial position embeddings, one per vision feature of a frame (0: none, as in the paper);
+    # a square count is taken as a row-major grid and starts from 2-D sine-cosine codes.
     resampler_spatial_positions: int = 0
 
     # GATED XATTN-DENSE (section 2.2).

@@ -3,12 +3,34 @@ number of visual tokens."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
 from .layers import FeedForward
+
+
+def spatial_position_init(positions: int, dim: int) -> torch.Tensor:
+    """[positions, dim] initial spatial embeddings: 2-D sine-cosine codes of a square grid of features in
+    row-major order (random codes for other layouts), centred over the positions, at unit scale like the
+    latents (smaller, they are lost in the features under the LayerNorm).
+
+    Wavelengths run from twice the grid's side down to 2 features, so "left of", "above" and "in the
+    middle" are linear in the code from the first step; with random codes the bridge has to discover the
+    layout, which the toy demo's bridge did in some runs and not in others.
+    """
+    side = math.isqrt(positions)
+    if side * side != positions or dim % 4 or side < 2:
+        return torch.randn(positions, dim)
+    n = dim // 4
+    freqs = (math.pi / side) * side ** (torch.arange(n, dtype=torch.float64) / max(n - 1, 1))  # pi/side .. pi
+    ys, xs = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64), indexing="ij")
+    codes = torch.cat([f(c.reshape(-1, 1) * freqs) for c in (ys, xs) for f in (torch.sin, torch.cos)], dim=1)
+    codes = codes - codes.mean(dim=0)
+    return (codes / codes.std()).float()
 
 
 class PerceiverAttention(nn.Module):
@@ -64,8 +86,7 @@ class PerceiverResampler(nn.Module):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(num_latents, dim))
         self.time_embeddings = nn.Parameter(torch.randn(max_num_frames, dim) * 0.02)
-        # at the scale of the latents (and of typical features): smaller, they are lost in the features under the LayerNorm
-        self.spatial_embeddings = nn.Parameter(torch.randn(spatial_positions, dim)) if spatial_positions else None
+        self.spatial_embeddings = nn.Parameter(spatial_position_init(spatial_positions, dim)) if spatial_positions else None
         self.layers = nn.ModuleList(
             nn.ModuleList(
                 [
