@@ -102,7 +102,7 @@ def _document(rng: random.Random, key: str, images: tuple[int, int]) -> dict:
     if fmt == "naming":  # a few colours per document, each bound to a word for this document only
         # Colours, not shapes: the toy CLIP tells shapes apart poorly (a linear probe of its features: 33%
         # of 6 shapes), and words bound to shapes it cannot see teach the bridge only to guess the most
-        # recent word. Naming colours alone took the held-out label mapping from 66-72% to 82-91% at 8 shots.
+        # recent word. Naming colours alone took the held-out label mapping from 66-74% to 82-91% at 8 shots.
         attribute = "colour"
         values = rng.sample(tuple(COLOURS), k=rng.choice((2, 2, 3)))
         style = T.document_style(rng, fmt, attribute, values)

@@ -113,7 +113,7 @@ def document_style(rng: random.Random, fmt: str, attribute: str | None = None, v
     """What a document keeps the same in every chunk: its question type, its words, its prefix and order."""
     if fmt == "qa":
         return {"qa_kind": rng.choice(QUESTION_TYPES)}
-    if fmt == "naming":  # words bound to the values of one attribute (the documents name colours) in this document
+    if fmt == "naming":  # words bound to the values of one attribute in this document (colours: see generate._document)
         return {"attribute": attribute, "names": dict(zip(values, nonce_words(rng, len(values))))}
     if fmt == "structured":  # a random non-word prefix, attributes in a random order
         return {"prefix": nonce_word(rng).capitalize(), "order": rng.sample(STRUCTURED_ATTRIBUTES, k=rng.choice((2, 3, 3, 3)))}
