@@ -203,3 +203,39 @@ def test_spatial_embeddings_start_as_a_grid_code():
     score = (codes @ direction).view(8, 8)
     assert (score[:, :4].min(dim=1).values > score[:, 4:].max(dim=1).values).all()
     assert spatial_position_init(6, 8).shape == (6, 8)  # not a square grid: random codes
+
+
+@pytest.mark.parametrize("activation", ["squared_relu", "gelu"])
+def test_feed_forward_recomputing_its_activation_gives_the_plain_gradients(activation):
+    """FeedForward keeps only the pre-activation for the backward; outputs and gradients are the plain ones."""
+    from flamingo_vlm.modeling.layers import FeedForward
+
+    torch.manual_seed(0)
+    ff = FeedForward(DIM, mult=3, activation=activation)
+    x = torch.randn(2, 5, DIM, requires_grad=True)
+    out = ff(x)
+    out.square().sum().backward()
+    got = [x.grad.clone()] + [p.grad.clone() for p in ff.parameters()]
+    x.grad = None
+    ff.zero_grad()
+    plain = torch.nn.Sequential(*ff)(x)
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    plain.square().sum().backward()
+    for a, b in zip(got, [x.grad] + [p.grad for p in ff.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # under bf16 autocast too (the backward casts as autocast's linear would)
+    runs = []
+    for module in (ff, torch.nn.Sequential(*ff)):
+        x.grad = None
+        ff.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = module(x)
+        y.float().square().sum().backward()
+        runs.append([y, x.grad.clone()] + [p.grad.clone() for p in ff.parameters()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # frozen weights (no grad anywhere): the plain path, nothing saved
+    for p in ff.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        torch.testing.assert_close(ff(x), plain, rtol=0, atol=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -21,10 +22,41 @@ def make_activation(name: str) -> nn.Module:
     raise ValueError(f"unknown activation {name!r}: expected 'squared_relu' or 'gelu'")
 
 
+class _ActivationThenLinear(torch.autograd.Function):
+    """linear(act(h), weight) that keeps only h for the backward and recomputes act(h) there.
+
+    Autograd would keep both h (for the activation's gradient) and act(h) (for the weight's): two
+    [..., mult*d] tensors per feed-forward, the widest activations of the bridge. Recomputing the
+    elementwise activation costs little; the matrix products are the same as without it.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, act: nn.Module) -> torch.Tensor:
+        ctx.act = act
+        ctx.save_for_backward(h, weight)
+        return F.linear(act(h), weight)  # under autocast: in the autocast dtype, as nn.Linear would be
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        h, weight = ctx.saved_tensors
+        with torch.enable_grad():
+            h_ = h.detach().requires_grad_(ctx.needs_input_grad[0])
+            a = ctx.act(h_)
+        g = grad_out.to(a.dtype)
+        grad_h = grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (g.reshape(-1, g.shape[-1]).T @ a.detach().reshape(-1, a.shape[-1])).to(weight.dtype)
+        if ctx.needs_input_grad[0]:
+            grad_h = torch.autograd.grad(a, h_, g @ weight.to(g.dtype))[0]
+        return grad_h, grad_weight, None
+
+
 class FeedForward(nn.Sequential):
     """Pre-norm MLP: LayerNorm -> Linear(d, mult*d) -> act -> Linear(mult*d, d), no biases.
 
     [..., d] -> [..., d]. The layout (indices 0..3) matches OpenFlamingo's so its weights map 1:1.
+    When training, the activation is recomputed in the backward instead of kept (see
+    :class:`_ActivationThenLinear`); outputs and gradients are those of the plain sequence.
     """
 
     def __init__(self, dim: int, *, mult: int = 4, activation: str = "squared_relu") -> None:
@@ -35,3 +67,9 @@ class FeedForward(nn.Sequential):
             make_activation(activation),
             nn.Linear(inner, dim, bias=False),
         )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self[1](self[0](x))
+        if torch.is_grad_enabled() and (h.requires_grad or self[3].weight.requires_grad):
+            return _ActivationThenLinear.apply(h, self[3].weight, self[2])
+        return self[3](self[2](h))
