@@ -73,7 +73,7 @@ def test_lm_text_loss_at_init_equals_bare_lm():
     """The LM's own text loss, over its own vocabulary, is unchanged by the bridge at initialisation.
 
     (Over the extended vocabulary the new tokens' rows also take some probability mass.)"""
-    from flamingo_vlm.modeling.flamingo import causal_lm_loss
+    from flamingo_vlm.modeling.loss import causal_lm_loss
 
     model, processor = build("gpt2")
     bare = _bare_lm("gpt2")

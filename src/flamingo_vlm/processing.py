@@ -21,6 +21,7 @@ import torch
 from transformers import AutoTokenizer, BatchFeature
 
 from .config import END_OF_CHUNK_TOKEN, MEDIA_TOKEN, PAD_TOKEN
+from .modeling.loss import IGNORE_INDEX
 from .modeling.vision import ImageTransform
 
 PROCESSOR_CONFIG_NAME = "flamingo_processor.json"
@@ -162,11 +163,11 @@ class FlamingoProcessor:
     def make_labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Targets for the LM loss: input_ids with padding and ``<image>`` tokens set to -100 (ignored)."""
         labels = input_ids.clone()
-        labels[input_ids == self.media_token_id] = -100
+        labels[input_ids == self.media_token_id] = IGNORE_INDEX
         if attention_mask is not None:
-            labels[attention_mask == 0] = -100
+            labels[attention_mask == 0] = IGNORE_INDEX
         else:
-            labels[input_ids == self.tokenizer.pad_token_id] = -100
+            labels[input_ids == self.tokenizer.pad_token_id] = IGNORE_INDEX
         return labels
 
     # ---- outputs -> text ---------------------------------------------------------------------

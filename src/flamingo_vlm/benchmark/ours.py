@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..modeling.loss import IGNORE_INDEX
 from .measure import autocast, random_pixels, word_tokenizer, worker_main
 
 
@@ -68,7 +69,7 @@ class OurSide:
         model = self.model.train()
         optimizer = torch.optim.AdamW([p for _, p in model.trainable_parameters()], lr=1e-4)
         pixels = random_pixels(input_ids.shape[0] * num_images, self.spec, self.device)
-        labels = input_ids.masked_fill(input_ids == self.media_token_id, -100)
+        labels = input_ids.masked_fill(input_ids == self.media_token_id, IGNORE_INDEX)
         mask = torch.ones_like(input_ids)
 
         def step() -> None:
