@@ -235,3 +235,26 @@ def test_gate_lr_multiplier_gives_the_gates_their_own_learning_rate():
     build_scheduler(opt, warmup_steps=2, total_steps=4)  # sets step 0's lr: warm-up scales every group
     assert {n: g["lr"] for g in opt.param_groups for n in g["names"]}["xattn.0.attn_gate"] == 5e-3
     assert len(build_optimizer(named, lr=1e-3, weight_decay=0.1).param_groups) == 2
+
+
+def test_fused_adamw_is_the_default_and_updates_as_the_per_tensor_loop():
+    import torch
+    from torch import nn
+
+    from flamingo_vlm.training.optim import build_optimizer
+
+    torch.manual_seed(0)
+    start = {"xattn.0.ff.0.weight": torch.randn(8, 4), "xattn.0.attn_gate": torch.zeros(1), "resampler.latents": torch.randn(3, 4)}
+    runs = {}
+    for fused in (None, False):
+        named = [(n, nn.Parameter(t.clone())) for n, t in start.items()]
+        opt = build_optimizer(named, lr=1e-2, weight_decay=0.1, fused=fused)
+        assert all(g["fused"] is (fused is None) for g in opt.param_groups)  # default: fused on CPU
+        for step in range(5):
+            for i, (_, p) in enumerate(named):
+                p.grad = torch.sin(torch.arange(p.numel(), dtype=torch.float32) + step + i).view_as(p)
+            opt.step()
+        runs[fused] = [p.detach() for _, p in named]
+    assert not torch.equal(runs[None][0], start["xattn.0.ff.0.weight"])  # the steps did move the weights
+    for a, b in zip(runs[None], runs[False]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import torch
 
 from ..modeling.loss import IGNORE_INDEX
+from ..training.optim import build_optimizer
 from .measure import autocast, random_pixels, word_tokenizer, worker_main
 
 
@@ -67,7 +68,7 @@ class OurSide:
 
     def train_step(self, input_ids: torch.Tensor, num_images: int) -> Callable[[], None]:
         model = self.model.train()
-        optimizer = torch.optim.AdamW([p for _, p in model.trainable_parameters()], lr=1e-4)
+        optimizer = build_optimizer(list(model.trainable_parameters()), lr=1e-4, weight_decay=0.1)  # the training loop's AdamW
         pixels = random_pixels(input_ids.shape[0] * num_images, self.spec, self.device)
         labels = input_ids.masked_fill(input_ids == self.media_token_id, IGNORE_INDEX)
         mask = torch.ones_like(input_ids)
