@@ -329,6 +329,22 @@ def test_decode_video_samples_frames_at_the_set_rate():
     assert [nearest_colour(f) for f in decode_video(webm, 4)] == [0, 1, 2, 3]
 
 
+def test_rgb_images_give_the_pixels_of_pyav_to_image():
+    import io
+
+    import av
+
+    from flamingo_vlm.data.video import rgb_images
+
+    clip = mp4_bytes([colour_image(k) for k in range(6)], fps=4)
+    with av.open(io.BytesIO(clip)) as container:
+        frames = list(container.decode(container.streams.video[0]))
+    assert frames[0].format.name == "yuv420p"  # a conversion to do, not a copy
+    ours = rgb_images(frames)
+    assert [im.mode for im in ours] == ["RGB"] * 6
+    assert all(np.array_equal(np.asarray(a), np.asarray(f.to_image())) for a, f in zip(ours, frames))
+
+
 def test_video_shards_give_one_medium_of_frames_and_skip_broken_clips(tmp_path, layout, processor):
     frames = [colour_image(k) for k in range(8)]
     shard = write_tar(tmp_path / "videos-0.tar", [

@@ -18,6 +18,7 @@ import io
 import av
 import numpy as np
 import torch
+from av.video.reformatter import VideoReformatter
 from PIL import Image
 
 from ..modeling.vision import ImageTransform
@@ -31,9 +32,15 @@ VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi", "m4v")
 _TIME_TOLERANCE_S = 1e-3
 
 
-def _rgb(frame: av.VideoFrame) -> Image.Image:
-    # through numpy: several times faster than VideoFrame.to_image for small frames
-    return Image.fromarray(frame.to_ndarray(format="rgb24"))
+def rgb_images(frames: list[av.VideoFrame]) -> list[Image.Image]:
+    """Decoded frames -> RGB PIL images, the same pixels as ``frame.to_image()``.
+
+    One swscale context serves all the frames: PyAV's per-frame conversions build a new one each time,
+    which costs more than decoding a small frame (64 px: 0.33 ms a frame through ``to_ndarray``, 0.10 through
+    ``to_image``, 0.03-0.05 with the context reused; measured with PyAV 18).
+    """
+    reformatter = VideoReformatter()
+    return [Image.fromarray(reformatter.reformat(f, format="rgb24").to_ndarray()) for f in frames]
 
 
 def decode_video(data: bytes, num_frames: int, fps: float | None = None) -> list[Image.Image]:
@@ -61,7 +68,7 @@ def decode_video(data: bytes, num_frames: int, fps: float | None = None) -> list
                 targets = [start + k * duration / num_frames for k in range(num_frames)]
             else:
                 targets = None  # unknown length: decode it all, then pick evenly
-            picked: list[Image.Image] = []
+            picked: list[av.VideoFrame] = []
             decoded: list[av.VideoFrame] = []
             for frame in container.decode(stream):
                 if targets is None:
@@ -69,17 +76,17 @@ def decode_video(data: bytes, num_frames: int, fps: float | None = None) -> list
                     continue
                 t = frame.time if frame.time is not None else start + len(picked) / (fps or 1.0)
                 while len(picked) < len(targets) and t >= targets[len(picked)] - _TIME_TOLERANCE_S:
-                    picked.append(_rgb(frame))
+                    picked.append(frame)
                 if len(picked) == len(targets):
                     break
             if targets is None and decoded:
                 index = np.linspace(0, len(decoded) - 1, min(num_frames, len(decoded))).round().astype(int)
-                picked = [_rgb(decoded[i]) for i in index]
+                picked = [decoded[i] for i in index]
+            if not picked:
+                raise SkipSample("bad_video", "no frames decoded")
+            return rgb_images(picked)
     except (av.FFmpegError, OSError, ValueError, EOFError, IndexError) as e:
         raise SkipSample("bad_video", str(e)) from e
-    if not picked:
-        raise SkipSample("bad_video", "no frames decoded")
-    return picked
 
 
 class VideoFormat:

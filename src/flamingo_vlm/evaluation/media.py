@@ -33,6 +33,8 @@ def load_video(path: str | Path, num_frames: int = 8) -> Video:
     """Decode a video file with PyAV and sample up to ``num_frames`` frames uniformly -> Video(PIL frames)."""
     import av
 
+    from ..data.video import rgb_images
+
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
@@ -42,13 +44,13 @@ def load_video(path: str | Path, num_frames: int = 8) -> Video:
                 frames = []
                 for i, frame in enumerate(container.decode(stream)):
                     if i in wanted:
-                        frames.append(frame.to_image())
+                        frames.append(frame)
                     if i >= max(wanted):
                         break
                 if frames:
-                    return Video(frames)
+                    return Video(rgb_images(frames))
             container.seek(0)
-            frames = [f.to_image() for f in container.decode(stream)]
+            frames = rgb_images(list(container.decode(stream)))
     except (av.error.FFmpegError, OSError, IndexError) as e:
         raise ValueError(f"cannot decode video {path}: {e}") from e
     if not frames:
