@@ -50,12 +50,14 @@ def load_video(path: str | Path, num_frames: int = 8) -> Video:
                 if frames:
                     return Video(rgb_images(frames))
             container.seek(0)
-            frames = rgb_images(list(container.decode(stream)))
+            frames = list(container.decode(stream))
+            # convert only the sampled frames
+            frames = rgb_images([frames[i] for i in uniform_frame_indices(len(frames), num_frames)])
     except (av.error.FFmpegError, OSError, IndexError) as e:
         raise ValueError(f"cannot decode video {path}: {e}") from e
     if not frames:
         raise ValueError(f"video {path} has no frames")
-    return Video([frames[i] for i in uniform_frame_indices(len(frames), num_frames)])
+    return Video(frames)
 
 
 class _LRU:
