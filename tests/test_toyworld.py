@@ -139,6 +139,22 @@ def test_lm_corpus_never_contains_the_heldout_formats(world):
     assert not any(f" {w}." in corpus or f" {w}\n" in corpus for w in T.HELDOUT_NONCE_WORDS)
 
 
+def test_qa_pages_ask_one_type_or_mix_types_and_answers_fit_their_questions():
+    """Half the Q&A pages keep one question type (bursty), half mix them: there every answer needs its question."""
+    rng = random.Random(0)
+    styles = [T.document_style(rng, "qa") for _ in range(400)]
+    assert 150 < sum(st["qa_kind"] is None for st in styles) < 250
+    answers = {q: set() for q in ("what shape is in the picture?", "what colour is the shape?", "is the shape small or large?",
+                                  "how many shapes are there?", "where is the shape?")}
+    for _ in range(300):
+        scene = sample_scene(rng)
+        question, answer = re.fullmatch(r"Question: (.+\?) Answer: (\w+)", T.chunk_text(scene, "qa", {"qa_kind": None})).groups()
+        assert answer in {scene.shape, scene.colour, scene.size, scene.count_word, scene.position}
+        answers[question].add(answer)
+    assert answers["what shape is in the picture?"] <= set(SHAPES) and answers["what colour is the shape?"] <= set(COLOURS)
+    assert all(len(a) >= 2 for a in answers.values())  # every type of question is asked on mixed pages
+
+
 def test_naming_documents_bind_few_words_and_repeat_them():
     """The LM can only learn to look a word up in its context from documents that use each word again."""
     rng = random.Random(0)

@@ -9,6 +9,7 @@ They are loaded back by ``from_pretrained``, exactly the path a real backbone ta
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -22,6 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..modeling.vision import ImageTransform
+from ..training.optim import fused_adamw_supported
 from .text import HELDOUT_NONCE_WORDS, spread
 from .world import COLOURS, IMAGE_SIZE
 
@@ -44,12 +46,15 @@ class BackboneSizes:
     vocab_size: int = 1024
     clip_hidden: int = 96
     clip_layers: int = 4
-    clip_steps: int = 500
+    # the shapes are learned last: a linear probe of shape from the pooled embedding read 33% (chance 17%) at
+    # 500 steps, then 52, 80 and 92% at 800, 1200 and 1500 in fp32, and 82-84% at 1500 with bf16 autocast
+    # (colour, size and position come much earlier); with shapes read, classification went from 20% to 66-74%
+    clip_steps: int = 1500
     clip_batch: int = 128
 
     @classmethod
     def quick(cls) -> "BackboneSizes":
-        return cls(lm_steps=500, clip_steps=300)
+        return cls(lm_steps=500, clip_steps=800)
 
     @classmethod
     def tiny(cls) -> "BackboneSizes":
@@ -60,6 +65,34 @@ class BackboneSizes:
 def _device() -> torch.device:
     """Where the backbones train: a GPU when there is one (minutes become seconds), else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _mixed_precision(device: torch.device):
+    """bf16 autocast where the hardware computes in bf16 natively (CUDA; CPUs with AVX512-BF16 or AMX), else fp32.
+
+    Weights and optimizer state stay fp32 (what is saved is fp32). On a 2-core AVX512-BF16 CPU, with eager
+    attention (:func:`_for_training`), a step of the toy LM takes 60 ms instead of 105 ms and one of the toy
+    CLIP 84 ms instead of 200 ms; on a CPU without native bf16 the emulation would be slower than fp32.
+    """
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    else:
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch's own CPU feature checks
+        native = any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+    return torch.autocast(device.type, dtype=torch.bfloat16) if native else contextlib.nullcontext()
+
+
+def _for_training(model, device: torch.device):
+    """The model on ``device`` with eager attention: for these short sequences and 24-32-wide heads it is faster
+    on CPU than SDPA's flash kernel (13% of a CLIP step in fp32, 2x in bf16). Not saved: ``from_pretrained``
+    gives the default attention back."""
+    model.set_attn_implementation("eager")
+    return model.to(device)
+
+
+def _adamw(model, **kwargs) -> torch.optim.AdamW:
+    params = list(model.parameters())
+    return torch.optim.AdamW(params, fused=fused_adamw_supported(params), **kwargs)
 
 
 def read_corpus(world: Path) -> list[str]:
@@ -133,8 +166,9 @@ def pretrain_lm(world: Path, out_dir: Path, sizes: BackboneSizes, seed: int = 0,
         tie_word_embeddings=True,
     )
     device = _device()
-    model = LlamaForCausalLM(config).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=sizes.lm_lr, weight_decay=0.01, betas=(0.9, 0.98))
+    model = _for_training(LlamaForCausalLM(config), device)
+    opt = _adamw(model, lr=sizes.lm_lr, weight_decay=0.01, betas=(0.9, 0.98))
+    precision = _mixed_precision(device)
     gen = torch.Generator().manual_seed(seed)
     repeats = round(sizes.lm_batch * sizes.lm_repeat_fraction)
     batches = _packed_batches(stream, sizes.lm_seq_len, sizes.lm_batch - repeats, gen)
@@ -147,7 +181,8 @@ def pretrain_lm(world: Path, out_dir: Path, sizes: BackboneSizes, seed: int = 0,
             group["lr"] = _lr_constant_then_decay(step, sizes.lm_steps, sizes.lm_lr, min(50, max(1, sizes.lm_steps // 20)))
         x = torch.cat([next(batches), repeated_random_rows(repeats, sizes.lm_seq_len, first_word_id, len(tokenizer), gen)])
         x = x.to(device)
-        loss = model(input_ids=x, labels=x).loss
+        with precision:
+            loss = model(input_ids=x, labels=x).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -228,9 +263,10 @@ def pretrain_clip(world: Path, out_dir: Path, tokenizer, sizes: BackboneSizes, s
         projection_dim=h,
     )
     device = _device()
-    model = CLIPModel(config).to(device)
+    model = _for_training(CLIPModel(config), device)
     pixels, input_ids, attention_mask = pixels.to(device), input_ids.to(device), attention_mask.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+    opt = _adamw(model, lr=2e-3, weight_decay=0.05)
+    precision = _mixed_precision(device)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     bar = tqdm(range(sizes.clip_steps), desc="pretrain toy CLIP", disable=not progress)
@@ -239,7 +275,8 @@ def pretrain_clip(world: Path, out_dir: Path, tokenizer, sizes: BackboneSizes, s
         for group in opt.param_groups:
             group["lr"] = _lr(step, sizes.clip_steps, 2e-3, max(1, sizes.clip_steps // 20))
         idx = torch.randint(0, n, (sizes.clip_batch,), generator=gen).to(device)
-        out = model(input_ids=input_ids[idx], attention_mask=attention_mask[idx], pixel_values=pixels[idx], return_loss=True)
+        with precision:
+            out = model(input_ids=input_ids[idx], attention_mask=attention_mask[idx], pixel_values=pixels[idx], return_loss=True)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -15,8 +15,11 @@ from .generate import WORLD_VERSION, WorldSizes, generate_world
 DEFAULT_CACHE = Path(os.environ.get("FLAMINGO_VLM_CACHE", Path.home() / ".cache" / "flamingo-vlm"))
 
 
-def _complete(path: Path) -> bool:
-    return (path / "DONE").is_file()
+def _complete(path: Path, settings: dict | None = None) -> bool:
+    """Whether ``path`` was built to the end (and, given ``settings``, built with exactly those)."""
+    if not (path / "DONE").is_file():
+        return False
+    return settings is None or json.loads((path / "DONE").read_text()).get("settings") == settings
 
 
 def build_info(path: str | Path) -> dict:
@@ -65,18 +68,24 @@ def ensure_toyworld(
             generate_world(tmp, seed=world_seed, sizes=world_sizes, progress=progress)
             return {"sizes": asdict(world_sizes)}
         _build_atomically(world, build_world)
-    if not _complete(lm):
+    # A backbone is rebuilt when the settings it was trained with change (the other one is kept): a cache
+    # from an older release never serves a backbone the current code would not have trained.
+    lm_settings = {k: v for k, v in asdict(sizes).items() if k.startswith("lm_") or k == "vocab_size"}
+    clip_settings = {"lm": lm_settings, **{k: v for k, v in asdict(sizes).items() if k.startswith("clip_")}}
+    if not _complete(lm, lm_settings):
         def build_lm(tmp):
             start = time.time()
-            return {**pretrain_lm(world, tmp, sizes, seed=world_seed, progress=progress), "seconds": time.time() - start}
+            info = pretrain_lm(world, tmp, sizes, seed=world_seed, progress=progress)
+            return {**info, "seconds": time.time() - start, "settings": lm_settings}
         _build_atomically(lm, build_lm)
-    if not _complete(clip):
+    if not _complete(clip, clip_settings):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(lm)
 
         def build_clip(tmp):
             start = time.time()
-            return {**pretrain_clip(world, tmp, tokenizer, sizes, seed=world_seed, progress=progress), "seconds": time.time() - start}
+            info = pretrain_clip(world, tmp, tokenizer, sizes, seed=world_seed, progress=progress)
+            return {**info, "seconds": time.time() - start, "settings": clip_settings}
         _build_atomically(clip, build_clip)
     return {"world": world, "lm": lm, "clip": clip}

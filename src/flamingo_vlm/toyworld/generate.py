@@ -30,7 +30,7 @@ from tqdm import tqdm
 from . import text as T
 from .world import COLOURS, SHAPES, Scene, render_scene, render_video, sample_scene, sample_video_scene
 
-WORLD_VERSION = 5
+WORLD_VERSION = 6
 
 
 @dataclass
@@ -100,9 +100,10 @@ def _document(rng: random.Random, key: str, images: tuple[int, int]) -> dict:
     fmt = rng.choice(T.DOC_FORMATS)
     n = rng.randint(*images) if fmt != "naming" else rng.randint(max(4, images[0]), max(4, images[1]))
     if fmt == "naming":  # a few colours per document, each bound to a word for this document only
-        # Colours, not shapes: the toy CLIP tells shapes apart poorly (a linear probe of its features: 33%
-        # of 6 shapes), and words bound to shapes it cannot see teach the bridge only to guess the most
-        # recent word. Naming colours alone took the held-out label mapping from 66-74% to 82-91% at 8 shots.
+        # Colours, not shapes: with an earlier toy CLIP that told shapes apart poorly (500 steps: a linear probe
+        # of its embedding read 33% of 6 shapes), words bound to shapes it could not see taught the bridge only
+        # to guess the most recent word; naming colours alone took the held-out label mapping from 66-74% to
+        # 82-91% at 8 shots. The held-out task binds colours too.
         attribute = "colour"
         values = rng.sample(tuple(COLOURS), k=rng.choice((2, 2, 3)))
         style = T.document_style(rng, fmt, attribute, values)
