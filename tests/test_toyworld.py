@@ -144,15 +144,15 @@ def test_qa_pages_ask_one_type_or_mix_types_and_answers_fit_their_questions():
     rng = random.Random(0)
     styles = [T.document_style(rng, "qa") for _ in range(400)]
     assert 150 < sum(st["qa_kind"] is None for st in styles) < 250
-    answers = {q: set() for q in ("what shape is in the picture?", "what colour is the shape?", "is the shape small or large?",
-                                  "how many shapes are there?", "where is the shape?")}
+    asks = {"what shape is in the picture?": "shape", "what colour is the shape?": "colour", "is the shape small or large?": "size",
+            "how many shapes are there?": "count_word", "where is the shape?": "position"}
+    asked = {q: 0 for q in asks}
     for _ in range(300):
         scene = sample_scene(rng)
         question, answer = re.fullmatch(r"Question: (.+\?) Answer: (\w+)", T.chunk_text(scene, "qa", {"qa_kind": None})).groups()
-        assert answer in {scene.shape, scene.colour, scene.size, scene.count_word, scene.position}
-        answers[question].add(answer)
-    assert answers["what shape is in the picture?"] <= set(SHAPES) and answers["what colour is the shape?"] <= set(COLOURS)
-    assert all(len(a) >= 2 for a in answers.values())  # every type of question is asked on mixed pages
+        assert answer == getattr(scene, asks[question]), (question, answer, scene)
+        asked[question] += 1
+    assert min(asked.values()) > 20, asked  # every type of question is asked on mixed pages
 
 
 def test_naming_documents_bind_few_words_and_repeat_them():
