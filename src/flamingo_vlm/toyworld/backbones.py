@@ -9,7 +9,6 @@ They are loaded back by ``from_pretrained``, exactly the path a real backbone ta
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
@@ -23,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..modeling.vision import ImageTransform
+from ..training.distributed import autocast_context
 from ..training.optim import fused_adamw_supported
 from .text import HELDOUT_NONCE_WORDS, spread
 from .world import COLOURS, IMAGE_SIZE
@@ -69,18 +69,18 @@ def _device() -> torch.device:
 
 
 def _mixed_precision(device: torch.device):
-    """bf16 autocast where the hardware computes in bf16 natively (CUDA; CPUs with AVX512-BF16 or AMX), else fp32.
+    """bf16 autocast where the hardware computes in bf16 natively (CUDA; CPUs with AVX512-BF16 or AMX), else fp32,
+    through the training loop's :func:`~flamingo_vlm.training.distributed.autocast_context`.
 
     Weights and optimizer state stay fp32 (what is saved is fp32). On a 2-core AVX512-BF16 CPU, with eager
     attention (:func:`_for_training`), a step of the toy LM takes 60 ms instead of 105 ms and one of the toy
     CLIP 84 ms instead of 200 ms; on a CPU without native bf16 the emulation would be slower than fp32.
     """
-    if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported()
-    else:
+    native = True  # on CUDA, autocast_context itself falls back to fp32 where the GPU lacks bf16
+    if device.type == "cpu":
         probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch's own CPU feature checks
         native = any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
-    return torch.autocast(device.type, dtype=torch.bfloat16) if native else contextlib.nullcontext()
+    return autocast_context("bf16" if native else "fp32", device)
 
 
 def _for_training(model, device: torch.device):

@@ -17,9 +17,7 @@ DEFAULT_CACHE = Path(os.environ.get("FLAMINGO_VLM_CACHE", Path.home() / ".cache"
 
 def _complete(path: Path, settings: dict | None = None) -> bool:
     """Whether ``path`` was built to the end (and, given ``settings``, built with exactly those)."""
-    if not (path / "DONE").is_file():
-        return False
-    return settings is None or json.loads((path / "DONE").read_text()).get("settings") == settings
+    return (path / "DONE").is_file() and (settings is None or build_info(path).get("settings") == settings)
 
 
 def build_info(path: str | Path) -> dict:
@@ -70,8 +68,9 @@ def ensure_toyworld(
         _build_atomically(world, build_world)
     # A backbone is rebuilt when the settings it was trained with change (the other one is kept): a cache
     # from an older release never serves a backbone the current code would not have trained.
-    lm_settings = {k: v for k, v in asdict(sizes).items() if k.startswith("lm_") or k == "vocab_size"}
-    clip_settings = {"lm": lm_settings, **{k: v for k, v in asdict(sizes).items() if k.startswith("clip_")}}
+    all_settings = asdict(sizes)
+    lm_settings = {k: v for k, v in all_settings.items() if k.startswith("lm_") or k == "vocab_size"}
+    clip_settings = {"lm": lm_settings, **{k: v for k, v in all_settings.items() if k.startswith("clip_")}}
     if not _complete(lm, lm_settings):
         def build_lm(tmp):
             start = time.time()
