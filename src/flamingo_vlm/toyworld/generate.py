@@ -1,7 +1,7 @@
 """Write the toy world to disk in the formats real data comes in.
 
     world/
-      world.json                      what was generated (seed, sizes, format notes)
+      world.json                      what was generated (seed, sizes, the benchmarks' annotators' words)
       text/lm_corpus.txt              text-only documents for the frozen LM's pretraining (blank-line separated)
       pairs/shard-*.tar               webdataset image-text pairs: {key}.png + {key}.txt (LAION/img2dataset layout)
       interleaved/shard-*.tar         MMC4 webdataset repack: {key}.json with text_list + image_info (base64 images)
@@ -30,7 +30,7 @@ from tqdm import tqdm
 from . import text as T
 from .world import COLOURS, SHAPES, Scene, render_scene, render_video, sample_scene, sample_video_scene
 
-WORLD_VERSION = 6
+WORLD_VERSION = 7
 
 
 @dataclass
@@ -110,8 +110,12 @@ def _document(rng: random.Random, key: str, images: tuple[int, int]) -> dict:
         scenes = [sample_scene(rng, **{attribute: v}) for v in T.spread(rng, values, n)]
     else:
         style, scenes = T.document_style(rng, fmt), []
+        # Caption and Q&A pages show 2-3 colours, each again and again, and name each colour in the page's own
+        # word: after a colour's first picture its word can be read from the page, as the shots of a
+        # benchmark show its annotators' words.
+        colours = T.spread(rng, rng.sample(tuple(COLOURS), k=rng.choice((2, 3))), n) if "words" in style else [None] * n
         while len(scenes) < n:
-            s = sample_scene(rng)
+            s = sample_scene(rng, colour=colours[len(scenes)])
             if T.chunk_text(s, fmt, style) is not None:
                 scenes.append(s)
     title = rng.choice(T.DOC_TITLES)
@@ -146,7 +150,8 @@ def lm_corpus(rng: random.Random, num_documents: int) -> list[str]:
             lines = [T.chunk_text(s, fmt, style) for s in scenes]
             docs.append("\n".join(x for x in lines if x))
         elif kind < 0.95:
-            docs.append(" ".join(T.caption(s).capitalize() for s in scenes))
+            words = T.wording(rng)
+            docs.append(" ".join(T.caption(s, words).capitalize() for s in scenes))
         else:
             videos = [sample_video_scene(rng) for _ in range(3)]
             docs.append(" ".join(T.video_caption(v).capitalize() for v in videos))
@@ -165,17 +170,21 @@ def _write_images(scenes: list[Scene], directory: Path, prefix: str) -> list[str
     return names
 
 
-def _write_eval(rng: random.Random, root: Path, sizes: WorldSizes) -> dict:
+def _write_eval(rng: random.Random, root: Path, sizes: WorldSizes) -> tuple[dict, dict]:
+    """Write the evaluation sets; returns (their paths, the words their annotators use for colours and sizes)."""
     out = {}
     n_q, n_s = sizes.eval_queries, sizes.eval_support
+    # One pool of annotators writes the captions and answers the questions, in words of their own (T.WORDS):
+    # a convention the support examples in a prompt show, and a model without them can only guess.
+    annotators = T.wording(rng)
     # Captioning, Karpathy json: test images are queries, train images the support pool.
     coco = root / "coco"
     scenes = [sample_scene(rng) for _ in range(n_s + n_q)]
     names = _write_images(scenes, coco / "images", "toy")
     images = [
         {"filename": n, "filepath": "images", "imgid": i, "cocoid": i, "split": "train" if i < n_s else "test",
-         "sentences": [{"raw": T.caption(s), "tokens": T.caption(s).rstrip(".").split(), "imgid": i, "sentid": i}], "sentids": [i]}
-        for i, (n, s) in enumerate(zip(names, scenes))
+         "sentences": [{"raw": c, "tokens": c.rstrip(".").split(), "imgid": i, "sentid": i}], "sentids": [i]}
+        for i, (n, s, c) in enumerate(zip(names, scenes, (T.caption(s, annotators) for s in scenes)))
     ]
     (coco / "dataset_coco.json").write_text(json.dumps({"dataset": "toy", "images": images}))
     out["coco"] = str(coco)
@@ -190,7 +199,7 @@ def _write_eval(rng: random.Random, root: Path, sizes: WorldSizes) -> dict:
             (vqa / "images").mkdir(parents=True, exist_ok=True)
             render_scene(s).save(vqa / "images" / f"COCO_{split}_{image_id:012d}.jpg", quality=95)
             kinds = [k for k in T.QUESTION_TYPES if T.question(s, k) is not None]
-            q, a = T.question(s, rng.choice(kinds))
+            q, a = T.question(s, rng.choice(kinds), annotators)
             qid = image_id * 10
             questions.append({"image_id": image_id, "question": q, "question_id": qid})
             answers = [{"answer": a, "answer_confidence": "yes", "answer_id": j + 1} for j in range(10)]
@@ -234,7 +243,7 @@ def _write_eval(rng: random.Random, root: Path, sizes: WorldSizes) -> dict:
         meta[split] = [{"image": f"images/{n}", **s.to_dict()} for n, s in zip(names, scenes)]
     (ho / "scenes.json").write_text(json.dumps(meta))
     out["heldout"] = str(ho)
-    return out
+    return out, annotators
 
 
 def generate_world(directory: str | Path, *, seed: int = 0, sizes: WorldSizes | None = None, progress: bool = True) -> Path:
@@ -251,7 +260,8 @@ def generate_world(directory: str | Path, *, seed: int = 0, sizes: WorldSizes | 
 
     def pair(r: random.Random, i: int) -> dict:
         s = sample_scene(r)
-        return {"__key__": f"pair{i:07d}", "png": png_bytes(render_scene(s)), "txt": T.caption(s), "json": json.dumps(s.to_dict())}
+        text = T.caption(s, T.wording(r))  # alt-text: every pair has its own writer
+        return {"__key__": f"pair{i:07d}", "png": png_bytes(render_scene(s)), "txt": text, "json": json.dumps(s.to_dict())}
 
     def document(r: random.Random, i: int) -> dict:
         return {"__key__": f"doc{i:07d}", "json": json.dumps(_document(r, f"doc{i:07d}", sizes.images_per_document))}
@@ -267,10 +277,10 @@ def generate_world(directory: str | Path, *, seed: int = 0, sizes: WorldSizes | 
                 sink.write(make(part_rng, i))
         bar.update()
 
-    eval_paths = _write_eval(random.Random(rng.randrange(2**31)), root / "eval", sizes)
+    eval_paths, annotators = _write_eval(random.Random(rng.randrange(2**31)), root / "eval", sizes)
     bar.update()
     bar.close()
     eval_paths = {k: str(Path(v).relative_to(root)) for k, v in eval_paths.items()}  # relative: the world can move
-    manifest = {"version": WORLD_VERSION, "seed": seed, "sizes": sizes.__dict__, "eval": eval_paths}
+    manifest = {"version": WORLD_VERSION, "seed": seed, "sizes": sizes.__dict__, "eval": eval_paths, "eval_annotator_words": annotators}
     (root / "world.json").write_text(json.dumps(manifest, indent=2, default=list))
     return root

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
-from .world import COLOURS, COUNTS, PLURALS, SHAPES, Scene, VideoScene
+from .world import COLOURS, COUNTS, PLURALS, SHAPES, SIZES, Scene, VideoScene
 
 # Words bound to shapes inside one document (training) or one prompt (the held-out label-mapping task).
 # Training documents use fresh random nonce words, so the skill learned is to read the binding from the
@@ -36,10 +36,39 @@ def nonce_words(rng: random.Random, k: int) -> list[str]:
 MOTION_WORDS = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
 
 
-def caption(scene: Scene) -> str:
+# Writers differ in their words for colours and sizes. Each writer (a web page, a pair's caption, the annotators
+# of a benchmark) uses one word per value, drawn from these: a page is consistent, the web as a whole is not.
+# So a benchmark's words are a convention of its own, which the in-context examples show (what few-shot
+# prompting adapts to on COCO and VQAv2: their annotators' conventions differ from web text's).
+WORDS = {
+    "red": ("red", "crimson", "scarlet"),
+    "green": ("green", "emerald", "lime"),
+    "blue": ("blue", "navy", "azure"),
+    "yellow": ("yellow", "gold", "lemon"),
+    "purple": ("purple", "violet", "lilac"),
+    "orange": ("orange", "amber", "tangerine"),
+    "small": ("small", "little", "tiny"),
+    "large": ("large", "big", "huge"),
+}
+assert set(WORDS) == set(COLOURS) | set(SIZES)
+
+
+def wording(rng: random.Random) -> dict[str, str]:
+    """One writer's words: for each colour and size, one of its :data:`WORDS`, each drawn on its own."""
+    return {value: rng.choice(words) for value, words in WORDS.items()}
+
+
+def word(value: str, words: dict[str, str] | None) -> str:
+    """What a writer whose words are ``words`` (from :func:`wording`) calls ``value``; without them, its own name."""
+    return (words or {}).get(value, value)
+
+
+def caption(scene: Scene, words: dict[str, str] | None = None) -> str:
+    """A one-sentence description, colours and sizes named in ``words`` (from :func:`wording`)."""
+    size, colour = word(scene.size, words), word(scene.colour, words)
     if scene.count == 1:
-        return f"a {scene.size} {scene.colour} {scene.shape} on the {scene.position}."
-    return f"{COUNTS[scene.count - 1]} {scene.size} {scene.colour} {PLURALS[scene.shape]}."
+        return f"a {size} {colour} {scene.shape} on the {scene.position}."
+    return f"{COUNTS[scene.count - 1]} {size} {colour} {PLURALS[scene.shape]}."
 
 
 def video_caption(video: VideoScene) -> str:
@@ -49,14 +78,17 @@ def video_caption(video: VideoScene) -> str:
 QUESTION_TYPES = ("shape", "colour", "size", "count", "position")
 
 
-def question(scene: Scene, kind: str) -> tuple[str, str] | None:
-    """(question, answer) of one type about the scene; None when it does not apply (position of a group)."""
+def question(scene: Scene, kind: str, words: dict[str, str] | None = None) -> tuple[str, str] | None:
+    """(question, answer) of one type about the scene; None when it does not apply (position of a group).
+
+    ``words`` (from :func:`wording`) names colours and sizes, in the question and in the answer.
+    """
     if kind == "shape":
         return "what shape is in the picture?", scene.shape
     if kind == "colour":
-        return "what colour is the shape?", scene.colour
+        return "what colour is the shape?", word(scene.colour, words)
     if kind == "size":
-        return "is the shape small or large?", scene.size
+        return f"is the shape {word('small', words)} or {word('large', words)}?", word(scene.size, words)
     if kind == "count":
         return "how many shapes are there?", scene.count_word
     if kind == "position":
@@ -79,7 +111,9 @@ def video_question(video: VideoScene, kind: str) -> tuple[str, str]:
 
 # ---- formats of interleaved documents ------------------------------------------------------------
 # Documents are bursty: every chunk of one document is written in the same format (without that,
-# nothing is learned in context). The held-out evaluation formats are not in this list.
+# nothing is learned in context). The held-out evaluation formats are not in this list. Caption and Q&A
+# pages come twice as often as the rest: from them the bridge learns to take a page's words for colours
+# and sizes (with one share each, it learned that in one world and not in another).
 ATTRIBUTE_FORMATS = {"Colour": "colour", "Shape": "shape", "Size": "size", "Count": "count_word"}
 
 
@@ -91,13 +125,13 @@ def chunk_text(scene: Scene, fmt: str, style: dict | None = None) -> str | None:
     """
     style = style or {}
     if fmt == "caption":
-        return f"Output: {caption(scene)}"
+        return f"Output: {caption(scene, style.get('words'))}"
     if fmt == "qa":
         kind = style["qa_kind"]
         if kind is None:  # a page of mixed questions: each scene's own type, drawn from its layout seed
             kinds = [k for k in QUESTION_TYPES if question(scene, k) is not None]
             kind = kinds[scene.layout_seed % len(kinds)]
-        qa = question(scene, kind)
+        qa = question(scene, kind, style.get("words"))
         return None if qa is None else f"Question: {qa[0]} Answer: {qa[1]}"
     if fmt in ATTRIBUTE_FORMATS:
         return f"{fmt}: {getattr(scene, ATTRIBUTE_FORMATS[fmt])}"
@@ -109,19 +143,22 @@ def chunk_text(scene: Scene, fmt: str, style: dict | None = None) -> str | None:
     raise ValueError(f"unknown document format {fmt!r}")
 
 
-DOC_FORMATS = ("caption", "qa", "Colour", "Shape", "Size", "Count", "naming", "naming", "structured", "structured")
+DOC_FORMATS = ("caption", "caption", "qa", "qa", "Colour", "Shape", "Size", "Count", "naming", "naming", "structured", "structured")
 DOC_TITLES = ("my shapes.", "a page of pictures.", "look at these.", "shapes i drew today.", "picture notes.", "")
 STRUCTURED_ATTRIBUTES = ("size", "colour", "shape", "count_word", "position")
 
 
 def document_style(rng: random.Random, fmt: str, attribute: str | None = None, values: list[str] | None = None) -> dict:
-    """What a document keeps the same in every chunk: its question type, its words, its prefix and order."""
+    """What a document keeps the same in every chunk: its words for colours and sizes, its question type, its
+    nonce words, its prefix and order."""
+    if fmt == "caption":  # the page's words for colours and sizes
+        return {"words": wording(rng)}
     if fmt == "qa":
         # Half the Q&A pages ask one type of question throughout, half mix the types. On one-type pages only
         # the first chunk needs the question read (after it the answer's type follows from the page), so
         # with those alone reading the question was learned in some runs and not in others (VQA 56-76% or
         # 21-22%, the answer of the wrong type); mixed pages make every chunk depend on its question.
-        return {"qa_kind": rng.choice(QUESTION_TYPES) if rng.random() < 0.5 else None}
+        return {"qa_kind": rng.choice(QUESTION_TYPES) if rng.random() < 0.5 else None, "words": wording(rng)}
     if fmt == "naming":  # words bound to the values of one attribute in this document (colours: see generate._document)
         return {"attribute": attribute, "names": dict(zip(values, nonce_words(rng, len(values))))}
     if fmt == "structured":  # a random non-word prefix, attributes in a random order
