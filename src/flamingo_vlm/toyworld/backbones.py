@@ -228,7 +228,7 @@ def _pairs(world: Path):
 
     The pairs' own captions name colours and sizes in each writer's words (``text.WORDS``); the toy CLIP
     learns from what the picture shows, named one way (as a real CLIP is trained on its own data, not on the
-    Flamingo mixture): with the writers' words it read shapes worse (61% right in captions against 78%).
+    Flamingo mixture): trained on the writers' words, a linear probe of its embedding read 72% of the shapes, against 85%.
     """
     shards = sorted(str(p) for p in (world / "pairs").glob("shard-*.tar"))
     for sample in wds.WebDataset(shards, shardshuffle=False, empty_check=False):
