@@ -56,3 +56,31 @@ def test_bench_config_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="presets"):
         resolve_preset("no-such-preset")
     assert load_bench_config(resolve_preset("tiny"), ["lm.hidden_size=32"]).lm["num_hidden_layers"] == 2
+
+
+def test_flops_of_grouped_query_attention_count_the_broadcast_heads():
+    """Fewer key/value heads are counted as the kernel broadcasts them (torch < 2.12 refused their shapes),
+    and count_flops leaves torch's counters as they were."""
+    import torch
+    from torch.utils import flop_counter as fc
+
+    from flamingo_vlm.benchmark.measure import _broadcast_kv_heads, count_flops
+
+    q, kv, full = (2, 8, 16, 4), (2, 2, 16, 4), (2, 8, 16, 4)
+    assert _broadcast_kv_heads(fc.sdpa_flop_count, 0)(q, kv, kv) == fc.sdpa_flop_count(q, full, full) > 0
+    assert _broadcast_kv_heads(fc.sdpa_backward_flop_count, 1)(q, q, kv, kv) == fc.sdpa_backward_flop_count(q, q, full, full) > 0
+    before = fc.sdpa_flop_count, fc.sdpa_backward_flop_count
+    assert count_flops(lambda: torch.ones(4, 8) @ torch.ones(8, 2)) == 2 * 4 * 8 * 2
+    assert (fc.sdpa_flop_count, fc.sdpa_backward_flop_count) == before
+
+
+def test_flops_of_a_training_step_with_the_fused_head_loss():
+    """The fused loss runs autograd.grad inside its forward, which FlopCounterMode's module hooks refused."""
+    from flamingo_vlm.benchmark.measure import count_flops
+    from helpers import BLUE, RED, build, image, open_gates
+
+    model, processor = build("llama")
+    open_gates(model, 0.5)
+    model.train()
+    batch = processor([[image(RED), "Output: a red circle.<|endofchunk|>", image(BLUE), "Output: a blue square."]], padding_side="right", return_labels=True)
+    assert count_flops(lambda: model(**batch, return_logits=False).loss.backward()) > count_flops(lambda: model(**batch).loss) > 0

@@ -240,3 +240,13 @@ def test_bad_config_values_through_the_builder():
         build_flamingo(lm, make_tiny_clip(), tokenizer, media_attention="foo")
     with pytest.raises(ValueError, match=r"unknown FlamingoConfig keys: \['not_a_field'\]"):
         FlamingoConfig.from_dict({**FlamingoConfig().to_dict(), "not_a_field": 1})
+
+
+def test_transformers_older_than_the_cache_rename_is_refused():
+    """Before 5.24 the LM's KV cache was `past_key_values`: our `cache=` would be dropped silently."""
+    from flamingo_vlm._requirements import check_transformers
+
+    with pytest.raises(ImportError, match=r"transformers>=5\.24.*found 5\.17\.0"):
+        check_transformers("5.17.0")
+    check_transformers("5.24.0")
+    check_transformers("5.31.0.dev0")

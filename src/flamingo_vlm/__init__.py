@@ -1,5 +1,11 @@
 """flamingo-vlm: Flamingo (Alayrac et al., 2022) on any Hugging Face causal LM."""
 
+import transformers as _transformers
+
+from ._requirements import check_transformers
+
+check_transformers(_transformers.__version__)
+
 from .builder import build_flamingo, load_flamingo
 from .config import FlamingoConfig
 from .modeling import FlamingoModel, FlamingoOutput, GatedCrossAttentionBlock, ImageTransform, PerceiverResampler, VisionEncoder, load_vision_encoder

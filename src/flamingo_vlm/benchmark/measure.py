@@ -152,11 +152,43 @@ def peak_memory_mib(device: torch.device) -> float:
 
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of one call (matmuls/attention, as torch.utils.flop_counter counts them)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils import flop_counter
 
-    with FlopCounterMode(display=False) as counter:
-        fn()
+    # torch before 2.12 rejects grouped-query attention's fewer key/value heads ("query/key/value shapes are
+    # incompatible"); count them as the kernel broadcasts them, as later torch does.
+    saved = {name: getattr(flop_counter, name) for name in ("sdpa_flop_count", "sdpa_backward_flop_count")}
+    for name, count in saved.items():
+        setattr(flop_counter, name, _broadcast_kv_heads(count, query_index=int(name == "sdpa_backward_flop_count")))
+    counter = flop_counter.FlopCounterMode(display=False)
+    # Its module tracker puts backward hooks on every module's inputs, which raise inside an autograd.grad run
+    # during a forward (the fused head loss runs one per chunk): count for the whole call, without modules.
+    counter.mod_tracker = _WholeCall()
+    try:
+        with counter:
+            fn()
+    finally:
+        for name, count in saved.items():
+            setattr(flop_counter, name, count)
     return int(counter.get_total_flops())
+
+
+class _WholeCall(contextlib.nullcontext):
+    """Stands in for FlopCounterMode's module tracker: every FLOP is counted under "Global" alone."""
+
+    parents = ("Global",)
+
+
+def _broadcast_kv_heads(count: Callable[..., int], query_index: int) -> Callable[..., int]:
+    """``count(*shapes)`` with the key and value shapes (the two after the query's) given the query's heads."""
+
+    def counted(*shapes):
+        shapes = list(shapes)
+        heads = shapes[query_index][1]
+        for i in (query_index + 1, query_index + 2):
+            shapes[i] = (shapes[i][0], heads, *shapes[i][2:])
+        return count(*shapes)
+
+    return counted
 
 
 # ---- workloads ---------------------------------------------------------------------------------
