@@ -92,6 +92,17 @@ def test_resume_skips_finished_runs(specs, model_and_processor, tmp_path, monkey
         evaluate(model, processor, tasks, shots=[2], results_path=path, model_name="another", progress=False)
 
 
+def test_limit_per_task(specs, model_and_processor):
+    """A dict limit caps the tasks it names, each at its own count; the others run all their queries."""
+    model, processor = model_and_processor
+    tasks = [build_task(_fast(specs["vqav2"])), build_task(specs["imagenet"])]
+    assert all(len(t.queries()) > 2 for t in tasks)
+    results = evaluate(model, processor, tasks, shots=[0], limit={"vqav2": 1, "imagenet": 2}, progress=False)
+    assert {r["task"]: r["num_examples"] for r in results["runs"]} == {"vqav2": 1, "imagenet": 2}
+    results = evaluate(model, processor, tasks, shots=[0], limit={"vqav2": 1}, progress=False)
+    assert {r["task"]: r["num_examples"] for r in results["runs"]} == {"vqav2": 1, "imagenet": len(tasks[1].queries())}
+
+
 def test_seeds_are_aggregated(specs, model_and_processor):
     model, processor = model_and_processor
     results = evaluate(model, processor, [build_task(specs["imagenet"])], shots=[1], seeds=[0, 1, 2], progress=False)

@@ -1,6 +1,7 @@
 """The toy world generator: deterministic, and written in the formats real data comes in."""
 
 import base64
+import collections
 import hashlib
 import io
 import json
@@ -185,7 +186,8 @@ def test_qa_pages_ask_one_type_or_mix_types_and_answers_fit_their_questions():
     rng = random.Random(0)
     styles = [T.document_style(rng, "qa") for _ in range(400)]
     assert 150 < sum(st["qa_kind"] is None for st in styles) < 250
-    asks = {"what shape": "shape", "what colour": "colour", "is the": "size", "how many": "count_word", "where is": "position"}
+    asks = {"what shape": "shape", "what colour": "colour", "is the shape small or large": "size", "is the shape": "colour",
+            "how many": "count_word", "where is": "position"}
     asked = {q: 0 for q in asks}
     for _ in range(300):
         scene = sample_scene(rng)
@@ -194,6 +196,37 @@ def test_qa_pages_ask_one_type_or_mix_types_and_answers_fit_their_questions():
         assert answer == getattr(scene, asks[start]), (question, answer, scene)
         asked[start] += 1
     assert min(asked.values()) > 20, asked  # every type of question is asked on mixed pages
+
+
+def test_colour_choice_names_the_colour_and_another_in_the_page_words():
+    rng = random.Random(1)
+    orders = set()
+    for _ in range(200):
+        scene, words = sample_scene(rng), T.wording(rng)
+        question, answer = T.question(scene, "colour_choice", words)
+        first, second = re.fullmatch(r"is the shape (\w+) or (\w+)\?", question).groups()
+        assert answer == words[scene.colour] and answer in (first, second) and first != second
+        other = second if answer == first else first
+        assert other in {words[c] for c in COLOURS if c != scene.colour}
+        orders.add(answer == first)
+    assert orders == {True, False}
+
+
+def test_toy_vqav2_asks_colour_twice_as_often_and_never_a_choice():
+    from flamingo_vlm.toyworld.generate import benchmark_question
+
+    rng = random.Random(0)
+    words = T.wording(rng)
+    kinds = {"what shape": "shape", "what colour": "colour", "is the shape": "size", "how many": "count", "where is": "position"}
+    asked = collections.Counter()
+    for _ in range(3000):
+        question, _ = benchmark_question(rng, sample_scene(rng, count=1), words)
+        kind = next(k for start, k in kinds.items() if question.startswith(start))
+        if kind == "size":  # the only "is the shape X or Y?" it asks: never which of two colours
+            assert question == f"is the shape {words['small']} or {words['large']}?", question
+        asked[kind] += 1
+    assert set(asked) == set(kinds.values())
+    assert 1.7 < asked["colour"] / asked["shape"] < 2.3 and 0.8 < asked["size"] / asked["shape"] < 1.25, asked
 
 
 def test_naming_documents_bind_few_words_and_repeat_them():

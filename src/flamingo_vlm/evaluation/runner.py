@@ -221,7 +221,7 @@ def evaluate(
     seeds: Sequence[int] = (0,),
     selection: str = "random",
     batch_size: int = 8,
-    limit: int | None = None,
+    limit: int | dict[str, int] | None = None,
     results_path: str | os.PathLike | None = None,
     resume: bool = True,
     progress: bool = True,
@@ -238,10 +238,10 @@ def evaluate(
     seed runs). ensemble: rank tasks average their candidate scores over this many orders of the shots.
     max_rows: rank tasks score at most this many (prompt, candidate) rows per forward; each row holds a
     copy of its prompt's KV cache, so this bounds memory.
-    limit: evaluate the first ``limit`` queries of each task. results_path: the JSON written after every
-    run; with ``resume``, runs already in it (same task, shots, seed, selection, limit, ensemble) are
-    skipped. Returns {"model", "config", "runs": [per run: scores, per-example predictions, ...],
-    "summary": [per (task, shots): mean/std over seeds]}.
+    limit: evaluate the first ``limit`` queries of each task (a dict {task name: limit} caps the tasks it
+    names). results_path: the JSON written after every run; with ``resume``, runs already in it (same task,
+    shots, seed, selection, limit, ensemble) are skipped. Returns {"model", "config", "runs": [per run:
+    scores, per-example predictions, ...], "summary": [per (task, shots): mean/std over seeds]}.
     """
     if selection not in ("random", "rices"):
         raise ValueError(f"selection must be 'random' or 'rices', got {selection!r}")
@@ -272,7 +272,8 @@ def evaluate(
     try:
         for task in tasks:
             queries = task.queries()
-            queries = queries[:limit] if limit is not None else queries
+            cap = limit.get(task.name) if isinstance(limit, dict) else limit
+            queries = queries[:cap] if cap is not None else queries
             support: list[Example] | None = None  # read on first need (0-shot without text examples has none)
             for n in shots:
                 for seed in seeds if selection == "random" else list(seeds)[:1]:

@@ -34,7 +34,7 @@ BRIDGE = dict(
 
 @dataclass
 class DemoSettings:
-    steps: int = 2200
+    steps: int = 2000
     lr: float = 1e-3
     warmup_steps: int = 50
     interleaved_batch: int = 8
@@ -44,17 +44,18 @@ class DemoSettings:
     video_batch: int = 4
     shots: tuple[int, ...] = (0, 4, 8)
     queries: int = 200  # per task (the held-out tasks need at least 200)
+    vqa_queries: int = 600  # VQA's 0/1 answers need more to show a change of a few points (WorldSizes.vqa_queries)
     eval_batch_size: int = 32
     eval_seeds: int = 2  # shot samplings per setting (seed, seed + 1, ...): the table gives their mean
 
     @classmethod
     def quick(cls) -> "DemoSettings":
-        return cls(steps=600, queries=60)
+        return cls(steps=600, queries=60, vqa_queries=60)
 
     @classmethod
     def tiny(cls) -> "DemoSettings":
         """For tests: a few steps and queries, end to end."""
-        return cls(steps=6, warmup_steps=2, interleaved_batch=2, pairs_batch=2, video_batch=1, shots=(0, 2), queries=4, eval_batch_size=4, eval_seeds=1)
+        return cls(steps=6, warmup_steps=2, interleaved_batch=2, pairs_batch=2, video_batch=1, shots=(0, 2), queries=4, vqa_queries=4, eval_batch_size=4, eval_seeds=1)
 
 
 def toy_tasks(world: Path) -> list:
@@ -197,8 +198,10 @@ def run_demo(out_dir: str | Path = "flamingo-demo", *, quick: bool = False, seed
     processor.save_pretrained(out / "model")
     trained_at = time.time()
 
+    tasks = toy_tasks(world)
+    limits = {t.name: settings.vqa_queries if t.name == "vqa" else settings.queries for t in tasks}
     results = evaluate(
-        model, processor, toy_tasks(world), shots=list(settings.shots), seeds=[seed + i for i in range(settings.eval_seeds)], limit=settings.queries,
+        model, processor, tasks, shots=list(settings.shots), seeds=[seed + i for i in range(settings.eval_seeds)], limit=limits,
         batch_size=settings.eval_batch_size, results_path=out / "eval.json", resume=False, progress=progress,
         model_name="flamingo-toyworld", config={"bridge": BRIDGE, "demo": asdict(settings)},
     )
