@@ -156,9 +156,10 @@ def count_flops(fn: Callable[[], Any]) -> int:
 
     # torch before 2.12 rejects grouped-query attention's fewer key/value heads ("query/key/value shapes are
     # incompatible"); count them as the kernel broadcasts them, as later torch does.
-    saved = {name: getattr(flop_counter, name) for name in ("sdpa_flop_count", "sdpa_backward_flop_count")}
+    query_index = {"sdpa_flop_count": 0, "sdpa_backward_flop_count": 1}  # (q, k, v) and (grad_out, q, k, v)
+    saved = {name: getattr(flop_counter, name) for name in query_index}
     for name, count in saved.items():
-        setattr(flop_counter, name, _broadcast_kv_heads(count, query_index=int(name == "sdpa_backward_flop_count")))
+        setattr(flop_counter, name, _broadcast_kv_heads(count, query_index[name]))
     counter = flop_counter.FlopCounterMode(display=False)
     # Its module tracker puts backward hooks on every module's inputs, which raise inside an autograd.grad run
     # during a forward (the fused head loss runs one per chunk): count for the whole call, without modules.
