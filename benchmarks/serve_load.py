@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from flamingo_vlm.serving.presets import png_data_url
+from flamingo_vlm.toyworld.presets import png_data_url
 from flamingo_vlm.toyworld.text import caption, question
 from flamingo_vlm.toyworld.world import render_scene, sample_scene
 

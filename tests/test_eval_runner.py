@@ -17,7 +17,7 @@ from flamingo_vlm import build_flamingo
 from flamingo_vlm.evaluation import Example, Prediction, Task, build_task, evaluate, format_results_table
 from flamingo_vlm.evaluation import runner as runner_module
 from flamingo_vlm.evaluation.cli import add_eval_parser
-from flamingo_vlm.evaluation.scoring import candidate_log_likelihoods, rank_scores
+from flamingo_vlm.inference import candidate_log_likelihoods, rank_scores
 from flamingo_vlm.tiny import create_tiny_backbones
 
 

@@ -20,6 +20,7 @@ from serving_fixtures import TEST_LIMITS, b64, data_url, png_bytes, tiny_model
 from flamingo_vlm.cli import main
 from flamingo_vlm.evaluation import candidate_log_likelihoods, generate_texts
 from flamingo_vlm.serving import Batcher, create_app
+from flamingo_vlm.toyworld.presets import toy_presets
 
 EOC = "<|endofchunk|>"
 
@@ -31,7 +32,7 @@ def model_and_processor():
 
 @pytest.fixture(scope="module")
 def client(model_and_processor):
-    with TestClient(create_app(*model_and_processor, limits=TEST_LIMITS, max_wait_ms=1)) as c:
+    with TestClient(create_app(*model_and_processor, limits=TEST_LIMITS, max_wait_ms=1, presets=toy_presets)) as c:
         yield c
 
 

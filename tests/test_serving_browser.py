@@ -40,9 +40,10 @@ def server_url():
     import uvicorn
 
     from flamingo_vlm.serving import create_app
+    from flamingo_vlm.toyworld.presets import toy_presets
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(*tiny_model(), max_wait_ms=1), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(*tiny_model(), max_wait_ms=1, presets=toy_presets), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -58,6 +58,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _toy_presets() -> list[dict]:
+    from .toyworld.presets import toy_presets
+
+    return toy_presets()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .benchmark.cli import add_bench_parser
     from .convert.cli import add_convert_parser
@@ -79,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_eval_parser(sub)
     add_convert_parser(sub)
-    add_serve_parser(sub)
+    add_serve_parser(sub).set_defaults(presets=_toy_presets)  # the page's examples: toy-world scenes
     add_bench_parser(sub)
 
     gen = sub.add_parser("generate", help="generate text for an interleaved prompt")

@@ -97,19 +97,16 @@ class OurSide:
 
     def cross_attention(self, input_ids: torch.Tensor, num_images: int) -> Callable[[], None]:
         """One xattn layer's masked cross-attention over the prompt, routing and media K/V included."""
-        from ..modeling.masking import build_routing
-
         model = self.model.eval()
         block = model.xattn_blocks[0]
         with torch.inference_mode():
             visual = model.encode_media(random_pixels(num_images, self.spec, self.device)[:, None])
-        hidden = torch.randn(*input_ids.shape, model.config.lm_hidden_size, device=self.device)
-        counts = torch.tensor([num_images], device=self.device)
+        hidden = torch.randn(*input_ids.shape, model.lm_hidden_size, device=self.device)
 
         def run() -> None:
             with torch.inference_mode(), autocast(self.spec):
-                routing = build_routing(input_ids, media_offsets=counts - counts, media_counts=counts, **model.routing_args())
-                block.attn(hidden, block.media_kv(visual), routing)
+                context = model.media_context(input_ids, visual)
+                block.attn(hidden, block.media_kv(visual), context.routing)
 
         return run
 

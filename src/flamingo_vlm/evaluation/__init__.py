@@ -8,12 +8,10 @@
 See docs/evaluation.md for the tasks, file formats, prompts, metrics and the ``flamingo eval`` config.
 """
 
-from .generation import generate_texts
-from .media import MediaEncoder, load_video
+from ..inference import MediaEncoder, candidate_log_likelihoods, continuation_token_ids, encode_prompts, generate_texts, load_video, rank_scores
 from .metrics import bleu4, cider, exact_match_accuracy, ptb_tokenize, roc_auc, top_k_accuracy, vqa_accuracy, vqa_normalize
-from .prompts import build_prompt, encode_prompts
+from .prompts import build_prompt
 from .runner import evaluate, format_results_table, summarize
-from .scoring import candidate_log_likelihoods, continuation_token_ids, rank_scores
 from .shots import RICES, sample_random_shots, shot_permutations
 from .task import TASK_TYPES, Example, Prediction, Task, build_task, register_task
 from .tasks import (

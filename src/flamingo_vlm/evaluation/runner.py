@@ -19,10 +19,8 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .generation import generate_texts
-from .media import MediaEncoder
+from ..inference import MediaEncoder, candidate_log_likelihoods, generate_texts, rank_scores
 from .prompts import build_prompt
-from .scoring import candidate_log_likelihoods, rank_scores
 from .shots import RICES, sample_random_shots, shot_permutations
 from .task import Example, Prediction, Task
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .media import MediaEncoder
+from ..inference.media import MediaEncoder
 from .task import Example, Task
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from collections.abc import Iterator
@@ -13,13 +14,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import FlamingoConfig
-from .context import GenerationMediaContext, MediaContext
+from .context import NO_MEDIA, MediaContext, MediaKV, StepMedia
 from .lm import (
+    CONTEXT_KWARG,
+    STEP_MEDIA_KWARG,
     ExtendedEmbedding,
     ExtendedLMHead,
     FlamingoDecoderLayer,
     add_new_token_rows,
     find_decoder_layers,
+    padded_position_ids,
     wrap_lm,
 )
 from .loss import PLAIN_HEAD_MODEL_TYPES, causal_lm_loss, head_cross_entropy
@@ -66,7 +70,6 @@ class FlamingoModel(nn.Module):
         self.vision_encoder = vision_encoder.requires_grad_(False)
         self.lm = lm.requires_grad_(False)
         lm_hidden = lm.config.get_text_config().hidden_size
-        config.lm_hidden_size, config.vision_hidden_size = lm_hidden, vision_encoder.hidden_size
         self.resampler = PerceiverResampler(
             dim=vision_encoder.hidden_size,
             depth=config.resampler_depth,
@@ -108,6 +111,10 @@ class FlamingoModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.resampler.latents.device
+
+    @property
+    def lm_hidden_size(self) -> int:
+        return self.lm.config.get_text_config().hidden_size
 
     @property
     def xattn_blocks(self) -> list[GatedCrossAttentionBlock]:
@@ -258,18 +265,52 @@ class FlamingoModel(nn.Module):
             return self.resampler(x.to(self.resampler.latents.dtype), frame_mask), counts
         return x, counts
 
-    def media_kv(self, visual_tokens: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    def media_kv(self, visual_tokens: torch.Tensor) -> MediaKV:
         """visual_tokens [M, n, d_visual] -> each xattn block's (keys, values) [M, H, n, D], to compute once and reuse."""
         return tuple(block.media_kv(visual_tokens) for block in self.xattn_blocks)
 
-    def routing_args(self) -> dict[str, Any]:
-        """The config's arguments of :func:`~flamingo_vlm.modeling.masking.build_routing` (token id, mode, EOS reset)."""
+    def media_context(
+        self,
+        input_ids: torch.Tensor,
+        visual_tokens: torch.Tensor | None = None,
+        *,
+        media_kv: MediaKV | None = None,
+        media_offsets: torch.Tensor | None = None,
+        last_positions: int | None = None,
+    ) -> MediaContext:
+        """The media context of one LM call: the one way to build it (forward, generation, scoring, bench).
+
+        input_ids [B, L]: every token of each row so far, the ``<image>`` tokens included (a row continuing
+        from a KV cache passes its cached prefix too). visual_tokens [M, n, d]: the batch's media, each row's
+        in the order of its ``<image>`` tokens; None when the batch has none (blocks then run their
+        feed-forward only). media_kv: :meth:`media_kv` of visual_tokens, when computed once for many calls.
+        media_offsets [B]: index in visual_tokens of each row's first medium; by default rows own consecutive
+        media in row order. Rows may share media (beams of one prompt, candidates scored after one prompt).
+        last_positions: route only the last k tokens of each row (the tokens the LM is about to run).
+        """
+        counts = (input_ids == self.config.media_token_id).sum(dim=1)
+        if visual_tokens is None:
+            if bool(counts.any()):
+                raise ValueError(f"the batch has {int(counts.sum())} {self.config.media_token} token(s) but no media were given")
+            return NO_MEDIA
+        if media_offsets is None:
+            media_offsets = counts.cumsum(0) - counts
+            needed = int(counts.sum())
+        else:
+            needed = int((media_offsets + counts).max()) if counts.numel() else 0
+        if needed > visual_tokens.shape[0]:
+            raise ValueError(f"the rows' {self.config.media_token} tokens need {needed} media but {visual_tokens.shape[0]} were given")
         c = self.config
-        return {
-            "media_token_id": c.media_token_id,
-            "mode": c.media_attention,
-            "eos_token_id": c.eos_token_id if c.reset_media_at_eos else None,
-        }
+        routing = build_routing(
+            input_ids,
+            media_token_id=c.media_token_id,
+            media_offsets=media_offsets,
+            media_counts=counts,
+            mode=c.media_attention,
+            eos_token_id=c.eos_token_id if c.reset_media_at_eos else None,
+            last_positions=last_positions,
+        )
+        return MediaContext(visual_tokens=visual_tokens, routing=routing, media_kv=media_kv)
 
     # ---- forward -----------------------------------------------------------------------------
     def forward(
@@ -280,6 +321,7 @@ class FlamingoModel(nn.Module):
         frame_mask: torch.Tensor | None = None,
         vision_features: torch.Tensor | None = None,
         visual_tokens: torch.Tensor | None = None,
+        media_kv: MediaKV | None = None,
         labels: torch.Tensor | None = None,
         cache: Any = None,
         use_cache: bool = False,
@@ -289,7 +331,8 @@ class FlamingoModel(nn.Module):
         **lm_kwargs: Any,
     ) -> FlamingoOutput:
         """input_ids / attention_mask / labels [B, L]; media as pixel_values [M, T, C, H, W] (or [M, C, H, W],
-        or [B, N, T, C, H, W]), or pre-computed vision_features [M, T, S, d] or visual_tokens [M, n, d].
+        or [B, N, T, C, H, W]), or pre-computed vision_features [M, T, S, d] or visual_tokens [M, n, d] (with
+        their :meth:`media_kv` when computed once for many calls).
 
         The M media are the batch's ``<image>`` tokens in row order. Continuing from a KV ``cache``, pass
         the tokens already in it as ``past_input_ids`` [B, P] (and the media of the whole sequence): the
@@ -303,25 +346,19 @@ class FlamingoModel(nn.Module):
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         full_ids = input_ids if past_input_ids is None else torch.cat([past_input_ids, input_ids], dim=1)
-        visual, counts = self._visual_tokens(full_ids, pixel_values, frame_mask, vision_features, visual_tokens)
-        context = None
-        if visual is not None:
-            routing = build_routing(
-                full_ids,
-                media_offsets=counts.cumsum(0) - counts,
-                media_counts=counts,
-                last_positions=None if past_input_ids is None else input_ids.shape[1],
-                **self.routing_args(),
-            )
-            context = MediaContext(visual_tokens=visual, routing=routing)
-        if attention_mask is not None and "position_ids" not in lm_kwargs and bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
-            # left padding: as transformers' generate does, positions count real tokens only, so a padded
-            # prompt gets the positions it would have unpadded (matters for absolute position embeddings)
-            position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-            lm_kwargs["position_ids"] = position_ids[:, -input_ids.shape[1] :]
+        visual, _ = self._visual_tokens(full_ids, pixel_values, frame_mask, vision_features, visual_tokens)
+        if media_kv is not None and visual_tokens is None:
+            raise ValueError("media_kv are the keys/values of visual_tokens: pass both")
+        last = None if past_input_ids is None else input_ids.shape[1]
+        context = self.media_context(full_ids, visual, media_kv=media_kv, last_positions=last)
+        if attention_mask is not None and "position_ids" not in lm_kwargs:
+            positions = padded_position_ids(attention_mask, input_ids.shape[1])
+            if positions is not None:
+                lm_kwargs["position_ids"] = positions
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
-        lm_inputs = dict(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=use_cache, flamingo_context=context, **lm_kwargs)
+        lm_inputs = dict(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=use_cache, **lm_kwargs)
+        lm_inputs[CONTEXT_KWARG] = context
         if labels is not None and not return_logits and not use_cache and self.fused_loss_supported:
             hidden = self.lm.base_model(**lm_inputs)[0]
             loss = head_cross_entropy(hidden, self.lm.get_output_embeddings(), labels, loss_reduction)
@@ -345,57 +382,49 @@ class FlamingoModel(nn.Module):
         frame_mask: torch.Tensor | None = None,
         vision_features: torch.Tensor | None = None,
         visual_tokens: torch.Tensor | None = None,
+        media_kv: MediaKV | None = None,
         cache_media_kv: bool = True,
         **generate_kwargs: Any,
     ) -> torch.Tensor:
         """Generate through ``transformers``' ``generate`` (greedy, beam search, sampling, ...).
 
         The vision encoder and resampler run once per prompt medium (never once per beam); with
-        ``cache_media_kv`` each block's media keys/values are computed once and shared by every step and
-        beam. Stops at ``<|endofchunk|>`` or the LM's EOS; ``<image>`` is never generated.
+        ``cache_media_kv`` each block's media keys/values are computed once (or taken from ``media_kv``) and
+        shared by every step and beam. Stops at ``<|endofchunk|>`` or the LM's EOS; ``<image>`` is never generated.
         Returns token ids [B * num_return_sequences, L + new] like ``transformers``.
         """
         visual, counts = self._visual_tokens(input_ids, pixel_values, frame_mask, vision_features, visual_tokens)
-        context = None
-        if visual is not None:
-            media_kv = self.media_kv(visual) if cache_media_kv else None
-            context = GenerationMediaContext(
-                visual_tokens=visual,
-                routing=None,
-                media_kv=media_kv,
-                media_offsets=counts.cumsum(0) - counts,
-                media_counts=counts,
-                **self.routing_args(),
-            )
+        if media_kv is None and visual is not None and cache_media_kv:
+            media_kv = self.media_kv(visual)
+        step_media = StepMedia(
+            build=functools.partial(self.media_context, visual_tokens=visual, media_kv=media_kv),
+            prompt_offsets=counts.cumsum(0) - counts,
+        )
         if attention_mask is None:
             attention_mask = (input_ids != self.config.pad_token_id).long()
         beams = generate_kwargs.get("num_beams", 1) or 1
         if beams > 1 and input_ids.shape[1] > 1 and generate_kwargs.get("use_cache", True) and "cache" not in generate_kwargs:
             # HF copies each prompt num_beams times before its first forward: run the prompt once per
             # prompt instead and hand generate the copied KV cache (it then runs only the last token).
-            generate_kwargs["cache"] = self._prompt_cache(input_ids, attention_mask, context, counts, beams)
+            generate_kwargs["cache"] = self._prompt_cache(input_ids, attention_mask, step_media, beams)
         c = self.config
         stop = [c.end_of_chunk_token_id] + ([c.eos_token_id] if c.eos_token_id is not None else [])
         generate_kwargs.setdefault("eos_token_id", stop)
         generate_kwargs.setdefault("pad_token_id", c.pad_token_id)
         generate_kwargs.setdefault("suppress_tokens", [c.media_token_id])
-        return self.lm.generate(input_ids=input_ids, attention_mask=attention_mask, flamingo_context=context, **generate_kwargs)
+        generate_kwargs[STEP_MEDIA_KWARG] = step_media
+        return self.lm.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
 
-    def _prompt_cache(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, context: GenerationMediaContext | None, counts: torch.Tensor, copies: int
-    ) -> Any:
+    def _prompt_cache(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, step_media: StepMedia, copies: int) -> Any:
         """The LM's KV cache of each prompt but its last token ([B, L-1] -> cache of B * copies rows, row-interleaved)."""
         prefix, prefix_mask = input_ids[:, :-1], attention_mask[:, :-1]
-        step_context = None
-        if context is not None:
-            routing = build_routing(prefix, media_offsets=counts.cumsum(0) - counts, media_counts=counts, **self.routing_args())
-            step_context = MediaContext(visual_tokens=context.visual_tokens, routing=routing, media_kv=context.media_kv)
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {CONTEXT_KWARG: step_media.context(prefix, prefix.shape[1])}
         if "logits_to_keep" in inspect.signature(self.lm.forward).parameters:
             kwargs["logits_to_keep"] = 1  # only the cache is wanted
-        if bool((prefix_mask[:, 1:] > prefix_mask[:, :-1]).any()):  # left padding: positions as generate counts them
-            kwargs["position_ids"] = (prefix_mask.long().cumsum(-1) - 1).masked_fill(prefix_mask == 0, 1)
-        out = self.lm(input_ids=prefix, attention_mask=prefix_mask, use_cache=True, flamingo_context=step_context, **kwargs)
+        positions = padded_position_ids(prefix_mask)
+        if positions is not None:
+            kwargs["position_ids"] = positions
+        out = self.lm(input_ids=prefix, attention_mask=prefix_mask, use_cache=True, **kwargs)
         cache = out.cache
         cache.batch_repeat_interleave(copies)
         return cache

@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .context import GenerationMediaContext, MediaContext
+from .context import NO_MEDIA, MediaContext, StepMedia
 from .xattn import GatedCrossAttentionBlock
 
 CONTEXT_KWARG = "flamingo_context"
+STEP_MEDIA_KWARG = "flamingo_media"
 
 
 def _text_config(lm: nn.Module):
@@ -64,8 +65,27 @@ def find_decoder_layers(lm: nn.Module, attr: str | None = None) -> tuple[str, nn
     return candidates[0]
 
 
+def padded_position_ids(attention_mask: torch.Tensor, num_last: int | None = None) -> torch.Tensor | None:
+    """attention_mask [B, L] -> position ids [B, L] (or of its last ``num_last`` tokens) counting real tokens
+    only; None when no padding precedes a real token, where the LM's own default positions are these.
+
+    A left-padded row gets the positions it would have unpadded, as transformers' ``generate`` gives them
+    (this matters for absolute and rotary position embeddings alike). Padding gets position 1, as in
+    ``generate``: its value never reaches a real token, which cannot attend to padding. Returning None
+    otherwise keeps a right-padded batch's padding positions (and so its every logit) those of the bare LM.
+    """
+    if not bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
+        return None
+    positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+    return positions if num_last is None else positions[:, -num_last:]
+
+
 class FlamingoDecoderLayer(nn.Module):
-    """A frozen LM decoder layer with an optional gated cross-attention block run before it."""
+    """A frozen LM decoder layer with an optional gated cross-attention block run before it.
+
+    The media context arrives per call (``flamingo_context``); a call without one sees no media, so
+    the block's feed-forward still runs and its cross-attention adds 0, as for any text-only batch.
+    """
 
     def __init__(self, decoder_layer: nn.Module, gated_xattn: GatedCrossAttentionBlock | None, block_index: int | None):
         super().__init__()
@@ -74,9 +94,16 @@ class FlamingoDecoderLayer(nn.Module):
         self.block_index = block_index
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, flamingo_context: MediaContext | None = None, **kwargs: Any):
-        if self.gated_xattn is not None and flamingo_context is not None and flamingo_context.routing is not None:
-            kv = flamingo_context.kv(self.block_index, self.gated_xattn)
-            hidden_states = self.gated_xattn(hidden_states, kv, flamingo_context.routing)
+        if self.gated_xattn is not None:
+            context = NO_MEDIA if flamingo_context is None else flamingo_context
+            if not isinstance(context, MediaContext):
+                raise TypeError(
+                    f"flamingo_context must be a MediaContext (built by FlamingoModel.media_context), got {type(context).__name__}"
+                )
+            if context.has_media:
+                hidden_states = self.gated_xattn(hidden_states, context.kv(self.block_index, self.gated_xattn), context.routing)
+            else:
+                hidden_states = self.gated_xattn(hidden_states)
         return self.decoder_layer(hidden_states, *args, **kwargs)
 
 
@@ -208,20 +235,20 @@ def add_new_token_rows(lm: nn.Module, num_new: int, first_new_id: int, truncate:
 
 
 def _install_generation_hook(lm: nn.Module) -> None:
-    """Let ``lm.generate(..., flamingo_context=GenerationMediaContext)`` route media at every step.
+    """Let ``lm.generate(..., flamingo_media=StepMedia)`` route media at every step.
 
     transformers validates generate's extra kwargs against ``prepare_inputs_for_generation``'s signature
     and forwards the rest to the model: this instance-level override names the kwarg, and turns the
-    per-generation context into the per-step one (phi over the whole sequence so far, sliced to the
+    per-generation media into the per-step context (phi over the whole sequence so far, sliced to the
     tokens being run: stateless, so beams, sampling and cache reordering need no bookkeeping).
     """
     original = lm.prepare_inputs_for_generation
 
-    def prepare_inputs_for_generation(input_ids, flamingo_context: GenerationMediaContext | None = None, **kwargs):
+    def prepare_inputs_for_generation(input_ids, flamingo_media: StepMedia | None = None, **kwargs):
         inputs = original(input_ids, **kwargs)
-        if flamingo_context is not None:
+        if flamingo_media is not None:
             key = "input_ids" if inputs.get("input_ids") is not None else "inputs_embeds"
-            inputs[CONTEXT_KWARG] = flamingo_context.for_step(input_ids, inputs[key].shape[1])
+            inputs[CONTEXT_KWARG] = flamingo_media.context(input_ids, inputs[key].shape[1])
         return inputs
 
     prepare_inputs_for_generation.__signature__ = inspect.signature(prepare_inputs_for_generation)

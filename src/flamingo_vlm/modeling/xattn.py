@@ -74,11 +74,19 @@ class GatedCrossAttentionBlock(nn.Module):
         return self.attn.media_kv(visual_tokens)
 
     def forward(
-        self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], routing: MediaRouting
+        self,
+        x: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        routing: MediaRouting | None = None,
     ) -> torch.Tensor:
-        """x [B, L, d] (any float dtype; computed in the block's dtype) -> [B, L, d] in x's dtype."""
+        """x [B, L, d] (any float dtype; computed in the block's dtype) -> [B, L, d] in x's dtype.
+
+        kv / routing None: the call sees no media. The cross-attention term is then exactly 0 (as it is for
+        a token with no image before it), but the feed-forward still applies to every token.
+        """
         dtype = self.attn_gate.dtype
         y = x.to(dtype)
-        y = y + self.attn_gate.tanh() * self.attn(y, kv, routing)
+        if routing is not None:
+            y = y + self.attn_gate.tanh() * self.attn(y, kv, routing)
         y = y + self.ff_gate.tanh() * self.ff(y)
         return y.to(x.dtype)

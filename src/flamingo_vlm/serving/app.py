@@ -2,7 +2,7 @@
 
     POST /v1/generate   interleaved prompt + generation parameters -> {"text", "timings", ...}
     POST /v1/score      interleaved prompt + candidate answers -> candidates ranked by log-likelihood
-    GET  /v1/model      backbones, config, limits;  GET /healthz;  GET /v1/presets (toy-world examples)
+    GET  /v1/model      backbones, config, limits;  GET /healthz;  GET /v1/presets (example prompts, if given)
     GET  /              the web page
 
 Every client error is a JSON ``{"error": {"status", "message"}}`` with a 4xx status; the model runs in one
@@ -11,8 +11,8 @@ worker thread behind a :class:`~flamingo_vlm.serving.batching.Batcher`.
 
 from __future__ import annotations
 
-import functools
 import itertools
+from collections.abc import Callable
 import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict
@@ -23,7 +23,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
-from ..evaluation.scoring import rank_scores
+from ..inference import rank_scores
 from .batching import BatchInfo, Batcher
 from .errors import RequestError, too_large
 from .prompts import PromptReader
@@ -59,8 +59,13 @@ def _cut_at_stops(text: str, stops: list[str]) -> str:
 
 
 def create_app(model, processor, *, limits: Limits | None = None, max_batch_size: int = 8, max_wait_ms: float = 10.0,
-               model_name: str | None = None) -> FastAPI:
-    """A FastAPI app serving ``model`` (a :class:`FlamingoModel`) with its ``processor``."""
+               model_name: str | None = None, presets: Callable[[], list[dict]] | None = None) -> FastAPI:
+    """A FastAPI app serving ``model`` (a :class:`FlamingoModel`) with its ``processor``.
+
+    presets: makes the web page's example prompts, ``[{name, description, examples: [{image, text}], query:
+    {image, text}, answer}]`` with images as data URLs (e.g. :func:`flamingo_vlm.toyworld.presets.toy_presets`);
+    called once, on the first request for them. None: the page offers none.
+    """
     limits = limits or Limits()
     config = model.config
     lm_config = getattr(model.lm, "config", None)
@@ -111,9 +116,16 @@ def create_app(model, processor, *, limits: Limits | None = None, max_batch_size
             "batching": {"max_batch_size": batcher.max_batch_size, "max_wait_ms": max_wait_ms},
         }
 
+    preset_list: list[list[dict]] = []  # filled on first use: making them may take a while
+
+    def cached_presets() -> list[dict]:
+        if not preset_list:
+            preset_list.append(presets() if presets is not None else [])
+        return preset_list[0]
+
     @app.get("/v1/presets")
-    async def presets() -> list[dict]:
-        return await run_in_threadpool(_cached_presets)
+    async def get_presets() -> list[dict]:
+        return await run_in_threadpool(cached_presets)
 
     @app.post("/v1/generate")
     async def generate(request: Request) -> dict:
@@ -149,9 +161,3 @@ def create_app(model, processor, *, limits: Limits | None = None, max_batch_size
 
     return app
 
-
-@functools.lru_cache(maxsize=1)
-def _cached_presets() -> list[dict]:
-    from .presets import toy_presets
-
-    return toy_presets()

@@ -62,7 +62,7 @@ def run_serve_cli(args: argparse.Namespace) -> int:
     limits = Limits(max_new_tokens=args.max_new_tokens, max_media=args.max_media, max_image_pixels=args.max_image_pixels,
                     max_body_bytes=int(args.max_body_mb * 2**20))
     app = create_app(model, processor, limits=limits, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-                     model_name=str(path))
+                     model_name=str(path), presets=getattr(args, "presets", None))
     print(f"flamingo serve: http://{args.host}:{args.port}/  (API: POST /v1/generate, /v1/score; GET /v1/model)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -1,6 +1,6 @@
 """The model side of the server: one batch of prompts -> answers or candidate log-likelihoods.
 
-Both paths are the evaluation harness's: ``generate_texts`` (left-padded batched generation, stopping at
+Both paths are the inference layer's, as in evaluation: ``generate_texts`` (left-padded batched generation, stopping at
 ``<|endofchunk|>``) and ``candidate_log_likelihoods`` (candidates scored from the prompt's KV cache). Each
 batch gets a fresh :class:`MediaEncoder`, so every medium of every request runs through the vision encoder
 and resampler exactly once; a batch of prompts gives what each prompt gives alone (tested).
@@ -12,9 +12,7 @@ from typing import Any, Hashable
 
 import torch
 
-from ..evaluation.generation import generate_texts
-from ..evaluation.media import MediaEncoder
-from ..evaluation.scoring import candidate_log_likelihoods
+from ..inference import MediaEncoder, candidate_log_likelihoods, generate_texts
 
 
 def generation_key(kwargs: dict[str, Any], seed: int | None, request_id: int) -> Hashable:

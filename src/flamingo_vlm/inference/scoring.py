@@ -17,8 +17,7 @@ import copy
 
 import torch
 
-from ..modeling.context import MediaContext
-from ..modeling.masking import build_routing
+from ..modeling.lm import padded_position_ids
 from .media import MediaEncoder
 from .prompts import encode_prompts
 
@@ -75,7 +74,7 @@ def candidate_log_likelihoods(
 
     out = model(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, visual_tokens=batch.visual_tokens,
-        use_cache=True, logits_to_keep=1,  # only the last position predicts a candidate token
+        media_kv=batch.media_kv, use_cache=True, logits_to_keep=1,  # only the last position predicts a candidate token
     )
     next_logprobs = out.logits[:, -1].float().log_softmax(-1)  # [B, V]
     cache = out.cache
@@ -87,8 +86,6 @@ def candidate_log_likelihoods(
 
     longer = sorted((r for r, (_, t) in enumerate(rows) if len(t) > 1), key=lambda r: -len(rows[r][1]))
     if longer:
-        media_kv = None if batch.visual_tokens is None else model.media_kv(batch.visual_tokens)
-        offsets = batch.media_counts.cumsum(0) - batch.media_counts
         pad = model.config.pad_token_id
         for start in range(0, len(longer), max_rows):
             chunk = longer[start : start + max_rows]
@@ -101,20 +98,13 @@ def candidate_log_likelihoods(
                 t = torch.tensor(rows[r][1], device=device)
                 inputs[j, : len(t) - 1], targets[j, : len(t) - 1], valid[j, : len(t) - 1] = t[:-1], t[1:], 1
             mask = torch.cat([batch.attention_mask[index], valid], dim=1)
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
-            context = None
-            if batch.visual_tokens is not None:
-                routing = build_routing(
-                    torch.cat([batch.input_ids[index], inputs], dim=1),
-                    media_offsets=offsets[index],
-                    media_counts=batch.media_counts[index],
-                    last_positions=width,
-                    **model.routing_args(),
-                )
-                context = MediaContext(visual_tokens=batch.visual_tokens, routing=routing, media_kv=media_kv)
+            context = model.media_context(
+                torch.cat([batch.input_ids[index], inputs], dim=1), batch.visual_tokens,
+                media_kv=batch.media_kv, media_offsets=batch.media_offsets[index], last_positions=width,
+            )
             logits = model.lm(
-                input_ids=inputs, attention_mask=mask, position_ids=position_ids, cache=select_cache_rows(cache, index),
-                use_cache=True, flamingo_context=context,
+                input_ids=inputs, attention_mask=mask, position_ids=padded_position_ids(mask, width),
+                cache=select_cache_rows(cache, index), use_cache=True, flamingo_context=context,
             ).logits
             logprobs = logits.float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
             totals[chunk] += (logprobs * valid).sum(-1)

@@ -22,8 +22,8 @@ def generate_texts(
 ) -> list[str]:
     """One decoded continuation per prompt, cut at the first ``<|endofchunk|>`` / EOS.
 
-    Each medium's visual tokens come from ``media`` (encoded once); ``model.generate`` then computes the
-    media keys/values once and shares them across steps and beams.
+    Each medium's visual tokens come from ``media`` (encoded once); their keys/values are computed once for
+    the batch and shared by every step and beam.
     """
     if generate_kwargs.get("num_return_sequences", 1) != 1:
         raise ValueError("evaluation decodes one answer per prompt: num_return_sequences must be 1")
@@ -31,7 +31,7 @@ def generate_texts(
     batch = encode_prompts(processor, prompts, media, num_frames=num_frames)
     generate_kwargs.setdefault("do_sample", False)
     out = model.generate(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, visual_tokens=batch.visual_tokens,
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, visual_tokens=batch.visual_tokens, media_kv=batch.media_kv,
         max_new_tokens=max_new_tokens, num_beams=num_beams, **generate_kwargs,
     )
     new = out[:, batch.input_ids.shape[1] :]
