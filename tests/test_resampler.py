@@ -184,7 +184,7 @@ def test_spatial_position_embeddings_are_trained_and_saved():
     assert "resampler.spatial_embeddings" in model.flamingo_state_dict()
     with torch.no_grad():
         out = model(**processor([image(RED), "a red square"]))
-    assert out.visual_tokens.shape == (1, model.config.resampler_num_latents, model.config.vision_hidden_size)
+    assert out.visual_tokens.shape == (1, model.config.resampler_num_latents, model.vision_encoder.hidden_size)
 
 
 def test_spatial_embeddings_start_as_a_grid_code():
