@@ -66,7 +66,6 @@ class FlamingoModel(nn.Module):
         self.vision_encoder = vision_encoder.requires_grad_(False)
         self.lm = lm.requires_grad_(False)
         lm_hidden = lm.config.get_text_config().hidden_size
-        config.lm_hidden_size, config.vision_hidden_size = lm_hidden, vision_encoder.hidden_size
         self.resampler = PerceiverResampler(
             dim=vision_encoder.hidden_size,
             depth=config.resampler_depth,
