@@ -104,3 +104,16 @@ def test_eval_config_unknown_keys_overrides_and_paths(tmp_path):
         load_eval_config(path, sets=["shot=[0]"])
     with pytest.raises(ValueError, match="selection must be one of"):
         load_eval_config(path, {"selection": "best"})
+
+
+def test_train_config_types_its_flamingo_overrides():
+    """`flamingo` stays a mapping of FlamingoConfig overrides, typed by FlamingoConfig's fields."""
+    from flamingo_vlm.training import load_train_config
+
+    base = {"datasets": [{"name": "a", "format": "pairs", "paths": ["x.tar"], "batch_size": 2}]}
+    cfg = load_train_config(base, ["flamingo.gate_init_std=1e-2", "flamingo.vision_post_norm=null", "flamingo.xattn_norm_media=no"])
+    assert cfg.flamingo == {"gate_init_std": 0.01, "vision_post_norm": None, "xattn_norm_media": False}
+    with pytest.raises(ValueError, match=r"flamingo.resampler_depth must be an integer, got 'two'"):
+        load_train_config(base, ["flamingo.resampler_depth=two"])
+    with pytest.raises(ValueError, match=r"flamingo: unknown FlamingoConfig key\(s\) 'lm_hidden_size'"):
+        load_train_config(base, ["flamingo.lm_hidden_size=64"])  # derived from the backbones, no longer a field
