@@ -49,7 +49,7 @@ def test_interleaved_ids_layout():
 
 
 def test_bench_config_errors(tmp_path):
-    with pytest.raises(ValueError, match="unknown bench config keys"):
+    with pytest.raises(ValueError, match="unknown BenchConfig key"):
         load_bench_config(resolve_preset("tiny"), ["batch=3"])
     with pytest.raises(ValueError, match="unknown workloads"):
         load_bench_config(None, ["workloads=[infer]"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -70,21 +71,25 @@ def build_flamingo(
     lm_path = lm if isinstance(lm, (str, os.PathLike)) else getattr(lm, "name_or_path", None) or None
     lm_model = _load_lm(lm, **(lm_kwargs or {}))
     tokenizer = _load_tokenizer(tokenizer, lm_path)
-    config = FlamingoConfig(**config_overrides)
+    requested = FlamingoConfig(**config_overrides)  # the caller's choices; what the backbones decide is set below
     encoder = load_vision_encoder(
-        vision, config.vision_type if "vision_type" in config_overrides else None, feature_layer=config.vision_feature_layer,
-        post_norm=config.vision_post_norm, **(vision_kwargs or {}),
+        vision, requested.vision_type if "vision_type" in config_overrides else None, feature_layer=requested.vision_feature_layer,
+        post_norm=requested.vision_post_norm, **(vision_kwargs or {}),
     )
-    config.vision_type = encoder.vision_type
-    config.lm_name_or_path = str(lm_path) if lm_path else None
-    config.vision_name_or_path = encoder.name_or_path
-    config.new_token_ids = add_special_tokens(
-        tokenizer, media_token=config.media_token, end_of_chunk_token=config.end_of_chunk_token, pad_token=config.pad_token
+    new_token_ids = add_special_tokens(
+        tokenizer, media_token=requested.media_token, end_of_chunk_token=requested.end_of_chunk_token, pad_token=requested.pad_token
     )
-    config.media_token_id = tokenizer.convert_tokens_to_ids(config.media_token)
-    config.end_of_chunk_token_id = tokenizer.convert_tokens_to_ids(config.end_of_chunk_token)
-    config.pad_token_id = tokenizer.pad_token_id
-    config.eos_token_id = tokenizer.eos_token_id
+    config = dataclasses.replace(
+        requested,
+        vision_type=encoder.vision_type,
+        lm_name_or_path=str(lm_path) if lm_path else None,
+        vision_name_or_path=encoder.name_or_path,
+        new_token_ids=new_token_ids,
+        media_token_id=tokenizer.convert_tokens_to_ids(requested.media_token),
+        end_of_chunk_token_id=tokenizer.convert_tokens_to_ids(requested.end_of_chunk_token),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     model = FlamingoModel(config, lm_model, encoder)
     model._set_trainable()
     processor = FlamingoProcessor(

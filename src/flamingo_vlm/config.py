@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
+
+from .yaml_config import unknown_keys_error
 
 CONFIG_NAME = "flamingo_config.json"
 
@@ -15,9 +17,18 @@ END_OF_CHUNK_TOKEN = "<|endofchunk|>"
 PAD_TOKEN = "<PAD>"
 
 
-@dataclass
+# Keys that configs saved by earlier versions hold and this one derives from the backbones instead
+# (``FlamingoModel.lm_hidden_size``, ``vision_encoder.hidden_size``): dropped when such a config is loaded.
+_LEGACY_KEYS = frozenset({"lm_hidden_size", "vision_hidden_size"})
+
+
+@dataclass(frozen=True)
 class FlamingoConfig:
     """Configuration of a Flamingo model: the backbones it names and the bridge it trains.
+
+    Frozen: it describes the architecture, and a model's config is the one it was built from. Builders
+    work out the backbone-dependent fields (token ids, backbone paths) first and construct it once, or
+    derive a new one with ``dataclasses.replace`` before building the model.
 
     Defaults follow the paper (arXiv 2204.14198, appendix A.1.1 and Table 4) where it is specific.
     """
@@ -66,11 +77,12 @@ class FlamingoConfig:
     # Packed sequences: tokens after an EOS see no image of the previous document.
     reset_media_at_eos: bool = False
 
-    # Special tokens added to the LM's tokenizer; their ids are filled in when the model is built.
+    # Special tokens added to the LM's tokenizer; the builder sets their ids from the tokenizer.
     media_token: str = MEDIA_TOKEN
     end_of_chunk_token: str = END_OF_CHUNK_TOKEN
     pad_token: str = PAD_TOKEN
-    new_token_ids: list[int] = field(default_factory=list)
+    # A tuple, so that the frozen config cannot change through it either (a list is accepted and converted).
+    new_token_ids: tuple[int, ...] = ()
     # Logits end at the last new token, i.e. the tokenizer's length (OpenFlamingo resizes the LM's embeddings
     # to its tokenizer, dropping unused padding rows such as MPT's); False keeps every LM-head column.
     truncate_vocab: bool = False
@@ -81,11 +93,10 @@ class FlamingoConfig:
     end_of_chunk_token_id: int | None = None
     pad_token_id: int | None = None
     eos_token_id: int | None = None
-    # Filled from the backbones when the model is built.
-    lm_hidden_size: int | None = None
-    vision_hidden_size: int | None = None
 
     def __post_init__(self) -> None:
+        # a frozen dataclass sets its own fields only through object.__setattr__
+        object.__setattr__(self, "new_token_ids", tuple(int(i) for i in self.new_token_ids))
         if self.media_attention not in ("last", "all"):
             raise ValueError(f"media_attention must be 'last' or 'all', got {self.media_attention!r}")
         if self.ff_activation not in ("squared_relu", "gelu"):
@@ -105,11 +116,12 @@ class FlamingoConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FlamingoConfig":
+        """A config from :meth:`to_dict`'s output (or a saved JSON's); keys it does not have are an error."""
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known - _LEGACY_KEYS)
         if unknown:
-            raise ValueError(f"unknown FlamingoConfig keys: {unknown}")
-        return cls(**data)
+            raise unknown_keys_error(cls, unknown)
+        return cls(**{k: v for k, v in data.items() if k in known})
 
     def save(self, directory: str | os.PathLike) -> None:
         os.makedirs(directory, exist_ok=True)

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..yaml_config import apply_overrides, from_dict, read_yaml_mapping
+
 WORKLOADS = ("train", "generate", "scaling")
 
 
@@ -84,28 +86,10 @@ class BenchConfig:
 
 def load_bench_config(path: str | Path | None, overrides: Sequence[str] = ()) -> BenchConfig:
     """A BenchConfig from a YAML preset (or the defaults when None), with ``key=value`` overrides."""
-    import yaml
-
-    from ..training.config import apply_override, parse_override
-
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"bench config not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a bench config must be a mapping of keys")
-    for text in overrides:
-        apply_override(data, *parse_override(text))
-    known = {f.name for f in dataclasses.fields(BenchConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown bench config keys: {unknown}; known: {sorted(known)}")
+    data = read_yaml_mapping(path, "bench config") if path is not None else {}
+    apply_overrides(data, overrides)
     defaults = BenchConfig()
-    for key in ("lm", "vision", "flamingo"):  # nested mappings override the defaults key by key
-        if key in data:
-            if not isinstance(data[key], dict):
-                raise ValueError(f"bench config `{key}` must be a mapping")
+    for key in ("lm", "vision", "flamingo"):  # a preset names only the sizes it changes: the rest stay the defaults'
+        if isinstance(data.get(key), dict):
             data[key] = {**getattr(defaults, key), **data[key]}
-    return BenchConfig(**data)
+    return from_dict(BenchConfig, data)

@@ -294,6 +294,22 @@ def _bridge_state(model: FlamingoModel, state: dict[str, torch.Tensor]) -> tuple
     return out, ignored
 
 
+def _changed_lm_rows(lm: nn.Module, state: dict[str, torch.Tensor], first_new: int) -> tuple[int, int]:
+    """How many input-embedding and LM-head rows of the LM's own vocabulary (ids below ``first_new``) the
+    checkpoint changes. Works on the LM before and after the model wraps its embeddings, so that a builder
+    can decide ``save_lm_embeddings`` before it builds the model."""
+    embed, head = lm.get_input_embeddings(), lm.get_output_embeddings()
+    embed_key = _lm_key(lm, embed)
+    changed_embed = _differing_rows(state[embed_key][:first_new], embed.weight) if embed_key in state else 0
+    changed_head = 0
+    if head is not None:
+        head_key = _lm_key(lm, head)
+        tied = head.weight is embed.weight  # the wrappers' .weight is their base's, so this holds before and after
+        if head_key in state and not tied:
+            changed_head = _differing_rows(state[head_key][:first_new], head.weight)
+    return changed_embed, changed_head
+
+
 def _load_embeddings(model: FlamingoModel, state: dict[str, torch.Tensor], report: ConversionReport) -> dict[str, torch.Tensor]:
     """New-token rows from the checkpoint's embedding matrices; changed old rows are written into the LM."""
     lm, config = model.lm, model.config
@@ -305,7 +321,6 @@ def _load_embeddings(model: FlamingoModel, state: dict[str, torch.Tensor], repor
     old, new = _split_rows(state[_lm_key(lm, embed)], first_new, "input embedding", rows)
     out["new_token_embeddings.weight"] = new
     _check_same_lm(old, embed.base.weight)
-    report.changed_embedding_rows = _differing_rows(old, embed.base.weight)
     head_key = _lm_key(lm, head)
     tied = head.tied_to is not None
     if head_key in state:
@@ -315,10 +330,14 @@ def _load_embeddings(model: FlamingoModel, state: dict[str, torch.Tensor], repor
                 raise ValueError(f"the LM ties its embeddings but the checkpoint's {head_key} differs from its input embedding")
         else:
             out["new_token_lm_head.weight"] = new_h
-            report.changed_lm_head_rows = _differing_rows(old_h, head.base.weight)
+    report.changed_embedding_rows, report.changed_lm_head_rows = _changed_lm_rows(lm, state, first_new)
     report.lm_head_new_rows_from_checkpoint = tied or head_key in state
     if report.changed_embedding_rows or report.changed_lm_head_rows:
-        config.save_lm_embeddings = True
+        if not config.save_lm_embeddings:  # else the changed rows would be lost at save_pretrained
+            raise ValueError(
+                f"the checkpoint changes {report.changed_embedding_rows} input-embedding and {report.changed_lm_head_rows} LM-head "
+                "rows of the LM's own vocabulary: build the model with save_lm_embeddings=True (load_openflamingo does)"
+            )
         with torch.no_grad():
             embed.base.weight[:first_new].copy_(old)
             if head_key in state and not tied:
@@ -375,36 +394,35 @@ def load_openflamingo(
     tokenizer = _load_tokenizer(tokenizer, lm, lm_kwargs)
     encoder = load_vision_encoder(vision, vision_type, post_norm=vision_post_norm, **vision_kwargs)
 
-    config = FlamingoConfig(
-        lm_name_or_path=str(lm_path) if lm_path else None,
-        vision_name_or_path=encoder.name_or_path,
-        vision_type=encoder.vision_type,
-        vision_post_norm=vision_post_norm,
-        xattn_norm_media=False,
-        ff_activation="gelu",
-        media_attention="last",
-        media_token=OF_MEDIA_TOKEN,
-        end_of_chunk_token=OF_END_OF_CHUNK_TOKEN,
-        pad_token=OF_PAD_TOKEN,
-        truncate_vocab=True,
-        **{**layout.config, **config_overrides},
-    )
+    chosen = {**layout.config, **config_overrides}
     try:
-        layers_path, layers = find_decoder_layers(lm_model, config.decoder_layers_attr or layout.layers_path)
+        layers_path, layers = find_decoder_layers(lm_model, chosen.get("decoder_layers_attr") or layout.layers_path)
     except ValueError as e:
         raise ValueError(f"the checkpoint's cross-attention layers sit in {layout.layers_path!r} of its LM: {e} (wrong --lm?)") from e
-    config.decoder_layers_attr = layers_path
-    _check_layout(layout, lm_model, encoder, layers_path, len(layers), config.cross_attn_every_n_layers)
+    _check_layout(layout, lm_model, encoder, layers_path, len(layers), chosen.get("cross_attn_every_n_layers", 1))
 
-    config.new_token_ids = add_openflamingo_tokens(tokenizer)
-    config.media_token_id = tokenizer.convert_tokens_to_ids(OF_MEDIA_TOKEN)
-    config.end_of_chunk_token_id = tokenizer.convert_tokens_to_ids(OF_END_OF_CHUNK_TOKEN)
-    config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    new_token_ids = add_openflamingo_tokens(tokenizer)
     if layout.embedding_rows != len(tokenizer):
         raise ValueError(
             f"the checkpoint's input embedding ({layout.embedding_key}) has {layout.embedding_rows} rows but the tokenizer has "
             f"{len(tokenizer)} tokens with OpenFlamingo's special tokens: wrong --lm / tokenizer (vocabulary mismatch)"
         )
+    config = FlamingoConfig(**{
+        **dict(
+            vision_post_norm=vision_post_norm, xattn_norm_media=False, ff_activation="gelu", media_attention="last",
+            media_token=OF_MEDIA_TOKEN, end_of_chunk_token=OF_END_OF_CHUNK_TOKEN, pad_token=OF_PAD_TOKEN, truncate_vocab=True,
+        ),
+        **chosen,
+        # what the backbones and the checkpoint decide
+        **dict(
+            lm_name_or_path=str(lm_path) if lm_path else None, vision_name_or_path=encoder.name_or_path, vision_type=encoder.vision_type,
+            decoder_layers_attr=layers_path, new_token_ids=new_token_ids,
+            media_token_id=tokenizer.convert_tokens_to_ids(OF_MEDIA_TOKEN),
+            end_of_chunk_token_id=tokenizer.convert_tokens_to_ids(OF_END_OF_CHUNK_TOKEN),
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            save_lm_embeddings=any(_changed_lm_rows(lm_model, state, new_token_ids[0])),
+        ),
+    })
     model = FlamingoModel(config, lm_model, encoder)
     report = load_openflamingo_weights(model, state)
     processor = FlamingoProcessor(tokenizer, encoder.image_transform, media_token=OF_MEDIA_TOKEN, end_of_chunk_token=OF_END_OF_CHUNK_TOKEN)

@@ -11,20 +11,43 @@
         karpathy_json: coco/dataset_coco.json
         image_dir: coco
 
-Any key can be overridden by a flag (``--limit 20 --shots 0,4 --out x.json``).
+Any key can be overridden by a flag (``--limit 20 --shots 0,4 --out x.json``) or by ``--set key.path=value``
+(``--set tasks.0.image_dir=/data/coco``); unknown keys are errors that name the key.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Sequence
+
+from ..yaml_config import apply_overrides, from_dict, read_yaml_mapping
 
 PATH_KEY_SUFFIXES = ("json", "jsonl", "_dir", "_file", "_root", "folder")
-DEFAULTS: dict[str, Any] = {
-    "shots": [0, 4, 8], "seeds": [0], "selection": "random", "batch_size": 8, "limit": None, "ensemble": 1,
-    "resume": True, "progress": True, "device": None, "rices_cache_dir": None, "max_rows": 64,
-}
+
+
+@dataclass
+class EvalConfig:
+    """One ``flamingo eval`` run. Task specs stay mappings: each task type takes its own keys (see
+    :func:`flamingo_vlm.evaluation.task.build_task`)."""
+
+    model: str | None = None  # a save_pretrained directory
+    tasks: list[dict[str, Any]] = field(default_factory=list)
+    data_root: str | None = None  # relative task paths resolve here (default: the config's folder)
+    shots: list[int] = field(default_factory=lambda: [0, 4, 8])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    selection: Literal["random", "rices"] = "random"
+    batch_size: int = 8
+    max_rows: int = 64
+    limit: int | None = None
+    ensemble: int = 1
+    out: str | None = None  # default: <config stem>-results.json in the working directory
+    rices_cache_dir: str | None = None
+    device: str | None = None
+    resume: bool = True
+    progress: bool = True
 
 
 def _int_list(text: str) -> list[int]:
@@ -50,6 +73,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--no-resume", dest="resume", action="store_false", default=None, help="recompute runs already in --out")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set max_rows=32 --set tasks.0.image_dir=/data/coco (repeatable)")
     p.set_defaults(func=run_eval_cli)
     return p
 
@@ -70,32 +95,31 @@ def resolve_task_paths(spec: dict, base: Path) -> dict:
     return out
 
 
-def load_eval_config(path: str | Path, overrides: dict[str, Any] | None = None) -> dict:
-    """The YAML config with defaults filled in, flag overrides applied and paths resolved."""
-    import yaml
+def load_eval_config(path: str | Path, overrides: dict[str, Any] | None = None, sets: Sequence[str] = ()) -> EvalConfig:
+    """The YAML config with ``key.path=value`` overrides (``sets``), then flag overrides (None values: flag not
+    given) applied, and paths resolved.
 
+    Paths written in the file are relative to its folder (task paths: to ``data_root``); paths given as
+    overrides are the caller's, relative to the working directory.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"eval config not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: the config must be a mapping of keys (model, tasks, shots, ...)")
-    config = {**DEFAULTS, **raw}
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    raw = read_yaml_mapping(path, "eval config")
     here = path.resolve().parent
-    if "model" in raw and "model" not in overrides:
-        config["model"] = _resolve(raw["model"], here)
-    for key in ("out", "rices_cache_dir"):
-        if raw.get(key) and key not in overrides:
-            config[key] = _resolve(raw[key], here)
-    config.update(overrides)
-    if not config.get("model"):
+    for key in ("model", "out", "rices_cache_dir", "data_root"):
+        if raw.get(key):
+            raw[key] = _resolve(raw[key], here)
+    data_root = Path(raw["data_root"]) if raw.get("data_root") else here
+    if isinstance(raw.get("tasks"), list):
+        raw["tasks"] = [resolve_task_paths(spec, data_root) if isinstance(spec, dict) else spec for spec in raw["tasks"]]
+    apply_overrides(raw, sets)
+    apply_overrides(raw, {k: v for k, v in (overrides or {}).items() if v is not None})
+    config = from_dict(EvalConfig, raw)
+    if not config.model:
         raise ValueError(f"{path}: no `model` (a saved Flamingo directory) in the config or --model")
-    if not config.get("tasks"):
+    if not config.tasks:
         raise ValueError(f"{path}: no `tasks` in the config")
-    data_root = Path(_resolve(raw["data_root"], here)) if raw.get("data_root") else here
-    config["tasks"] = [resolve_task_paths(spec, data_root) for spec in config["tasks"]]
-    config.setdefault("out", str(Path(f"{path.stem}-results.json")))
+    if config.out is None:
+        config.out = f"{path.stem}-results.json"
     return config
 
 
@@ -111,8 +135,8 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         "out": args.out, "batch_size": args.batch_size, "ensemble": args.ensemble, "device": args.device,
         "resume": args.resume, "progress": args.progress,
     }
-    config = load_eval_config(args.config, overrides)
-    specs = config["tasks"]
+    config = load_eval_config(args.config, overrides, getattr(args, "set_overrides", None) or ())
+    specs = config.tasks
     if args.tasks:
         wanted = [t for t in args.tasks.split(",") if t]
         tasks = [build_task(spec) for spec in specs]
@@ -123,18 +147,18 @@ def run_eval_cli(args: argparse.Namespace) -> int:
     else:
         tasks = [build_task(spec) for spec in specs]
 
-    model, processor = load_flamingo(config["model"])
-    device = config["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, processor = load_flamingo(config.model)
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     results = evaluate(
-        model, processor, tasks, shots=config["shots"], seeds=config["seeds"], selection=config["selection"],
-        batch_size=config["batch_size"], limit=config["limit"], results_path=config["out"], resume=config["resume"],
-        progress=config["progress"], ensemble=config["ensemble"], max_rows=config["max_rows"],
-        rices_cache_dir=config["rices_cache_dir"], model_name=str(config["model"]),
-        config={k: v for k, v in config.items() if k not in ("resume", "progress")},
+        model, processor, tasks, shots=config.shots, seeds=config.seeds, selection=config.selection,
+        batch_size=config.batch_size, limit=config.limit, results_path=config.out, resume=config.resume,
+        progress=config.progress, ensemble=config.ensemble, max_rows=config.max_rows,
+        rices_cache_dir=config.rices_cache_dir, model_name=str(config.model),
+        config={k: v for k, v in dataclasses.asdict(config).items() if k not in ("resume", "progress")},
     )
     table = format_results_table(results)
-    Path(config["out"]).with_suffix(".txt").write_text(table + "\n")
+    Path(config.out).with_suffix(".txt").write_text(table + "\n")
     print(table)
-    print(f"results: {config['out']}")
+    print(f"results: {config.out}")
     return 0

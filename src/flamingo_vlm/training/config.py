@@ -1,4 +1,4 @@
-"""Training configuration: dataclasses, YAML loading and ``key.path=value`` overrides.
+"""Training configuration: the TrainConfig and DatasetConfig dataclasses, read by :mod:`flamingo_vlm.yaml_config`.
 
     datasets:                          # the mixture (paper section 2.4)
       - {name: m3w, format: mmc4, paths: ["mmc4/{00000..00999}.tar"], batch_size: 256, loss_weight: 1.0}
@@ -15,21 +15,20 @@ Unknown keys are errors that name the key (and the closest known one).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import difflib
 import os
-import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from ..config import FlamingoConfig
+from ..yaml_config import apply_overrides, coerce, from_dict, read_yaml_mapping, unknown_keys_error
 
 # FlamingoConfig fields that the builder fills in; a config may not set them.
 _DERIVED_FLAMINGO_KEYS = {
     "lm_name_or_path", "vision_name_or_path", "new_token_ids", "media_token_id", "end_of_chunk_token_id", "pad_token_id",
-    "eos_token_id", "lm_hidden_size", "vision_hidden_size",
+    "eos_token_id",
 }
 
 
@@ -148,7 +147,7 @@ class TrainConfig:
     vision_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.datasets = [d if isinstance(d, DatasetConfig) else _build(DatasetConfig, d, f"datasets[{i}]") for i, d in enumerate(self.datasets)]
+        self.datasets = [d if isinstance(d, DatasetConfig) else from_dict(DatasetConfig, d, f"datasets[{i}]") for i, d in enumerate(self.datasets)]
         if not self.datasets:
             raise ValueError("datasets is empty: a run needs at least one dataset")
         names = [d.name for d in self.datasets]
@@ -171,141 +170,18 @@ class TrainConfig:
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
         unknown = sorted(set(self.flamingo) - {f.name for f in dataclasses.fields(FlamingoConfig)})
-        derived = sorted(set(self.flamingo) & _DERIVED_FLAMINGO_KEYS)
         if unknown:
-            raise ValueError(f"unknown key(s) in `flamingo` (FlamingoConfig): {', '.join(_with_hint(k, FlamingoConfig) for k in unknown)}")
+            raise unknown_keys_error(FlamingoConfig, unknown, "flamingo")
+        derived = sorted(set(self.flamingo) & _DERIVED_FLAMINGO_KEYS)
         if derived:
             raise ValueError(f"`flamingo` sets {derived}, which the builder fills in from the backbones")
+        # typed here, so that `flamingo.gate_init_std=1e-2` (a string in YAML 1.1) reaches the builder as a float
+        hints = typing.get_type_hints(FlamingoConfig)
+        self.flamingo = {k: coerce(v, hints[k], f"flamingo.{k}") for k, v in self.flamingo.items()}
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _with_hint(key: str, cls: type) -> str:
-    names = [f.name for f in dataclasses.fields(cls)]
-    close = difflib.get_close_matches(key, names, n=1)
-    return f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key)
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Make a YAML / override value fit a field type (``1e-4`` is a string in YAML 1.1, for one)."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, where)
-            except (TypeError, ValueError):
-                continue
-        raise ValueError(f"{where}: cannot use {value!r} as {hint}")
-    if origin is Literal:
-        if value not in typing.get_args(hint):
-            raise ValueError(f"{where} must be one of {typing.get_args(hint)}, got {value!r}")
-        return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ValueError(f"{where} must be true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ValueError(f"{where} must be an integer, got {value!r}")
-        try:
-            return int(value)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{where} must be an integer, got {value!r}") from e
-    if hint is float:
-        if isinstance(value, bool):
-            raise ValueError(f"{where} must be a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{where} must be a number, got {value!r}") from e
-    if hint is str:
-        if isinstance(value, (dict, list)):
-            raise ValueError(f"{where} must be a string, got {value!r}")
-        return str(value)
-    if origin in (list, tuple, Sequence):
-        if isinstance(value, (str, os.PathLike)) and origin is list:
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where} must be a list, got {value!r}")
-        args = typing.get_args(hint)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ValueError(f"{where} must have {len(args)} items, got {value!r}")
-            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        item = args[0] if args else Any
-        return [v if item is Any or dataclasses.is_dataclass(item) else _coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{where} must be a mapping, got {value!r}")
-        return dict(value)
-    return value
-
-
-def _build(cls: type, data: Any, where: str):
-    if not isinstance(data, dict):
-        raise ValueError(f"{where} must be a mapping of {cls.__name__} keys, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        raise ValueError(
-            f"{where + ': ' if where else ''}unknown {cls.__name__} key(s) {', '.join(_with_hint(k, cls) for k in unknown)}; "
-            f"known keys: {', '.join(sorted(fields))}"
-        )
-    required = [name for name, f in fields.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    missing = [k for k in required if k not in data]
-    if missing:
-        raise ValueError(f"{where + ': ' if where else ''}missing required {cls.__name__} key(s) {missing}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items() if k != "datasets"}
-    if "datasets" in data:
-        datasets = data["datasets"]
-        if not isinstance(datasets, list):
-            raise ValueError("datasets must be a list of dataset mappings")
-        kwargs["datasets"] = [d if isinstance(d, DatasetConfig) else _build(DatasetConfig, d, f"datasets[{i}]") for i, d in enumerate(datasets)]
-    return cls(**kwargs)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"datasets.0.batch_size=4"`` -> (["datasets", "0", "batch_size"], 4); the value is read as YAML."""
-    import yaml
-
-    if "=" not in text:
-        raise ValueError(f"override {text!r} must look like key=value (e.g. steps=100 or datasets.0.batch_size=4)")
-    key, raw = text.split("=", 1)
-    path = [p for p in key.strip().split(".") if p]
-    if not path:
-        raise ValueError(f"override {text!r} has no key")
-    return path, yaml.safe_load(raw) if raw.strip() else None
-
-
-def apply_override(data: dict, path: list[str], value: Any) -> None:
-    node: Any = data
-    for i, part in enumerate(path[:-1]):
-        where = ".".join(path[: i + 1])
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ValueError(f"override {'.'.join(path)}: {where} is not an index of a list of {len(node)}")
-            node = node[int(part)]
-        elif isinstance(node, dict):
-            node = node.setdefault(part, {})
-        else:
-            raise ValueError(f"override {'.'.join(path)}: {where} is not a mapping or list")
-    last = path[-1]
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise ValueError(f"override {'.'.join(path)}: {last} is not an index of a list of {len(node)}")
-        node[int(last)] = value
-    elif isinstance(node, dict):
-        node[last] = value
-    else:
-        raise ValueError(f"override {'.'.join(path)}: cannot set a key on {type(node).__name__}")
 
 
 def load_train_config(path_or_dict: str | os.PathLike | dict, overrides: Sequence[str] | None = None) -> TrainConfig:
@@ -313,21 +189,11 @@ def load_train_config(path_or_dict: str | os.PathLike | dict, overrides: Sequenc
 
     ValueError names any key that TrainConfig / DatasetConfig / FlamingoConfig does not have.
     """
-    import copy
-
-    import yaml
-
     if isinstance(path_or_dict, dict):
         data = copy.deepcopy(path_or_dict)
     else:
-        path = Path(path_or_dict)
-        if not path.is_file():
-            raise FileNotFoundError(f"train config not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a train config must be a mapping of keys (datasets, steps, ...)")
-    for text in overrides or []:
-        apply_override(data, *parse_override(text))
+        data = read_yaml_mapping(path_or_dict, "train config")
+    apply_overrides(data, overrides or ())
     if "datasets" not in data:
         raise ValueError("the config has no `datasets`")
-    return _build(TrainConfig, data, "")
+    return from_dict(TrainConfig, data)
