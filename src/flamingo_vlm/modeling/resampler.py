@@ -20,7 +20,7 @@ def spatial_position_init(positions: int, dim: int) -> torch.Tensor:
 
     Wavelengths run from twice the grid's side down to 2 features, so "left of", "above" and "in the
     middle" are linear in the code from the first step; with random codes the bridge has to discover the
-    layout, which the toy demo's bridge did in some runs and not in others.
+    layout, which a small bridge does not do reliably.
     """
     side = math.isqrt(positions)
     if side * side != positions or dim % 4 or side < 2:

@@ -36,7 +36,7 @@ class BackboneSizes:
     lm_hidden: int = 128
     lm_layers: int = 4
     lm_heads: int = 4
-    lm_steps: int = 3200  # the induction heads formed at 1750-2250 steps in the runs tried (not before 1500)
+    lm_steps: int = 3200  # well past the point where the induction heads form (docs/toyworld.md)
     lm_batch: int = 16
     lm_seq_len: int = 128
     lm_lr: float = 2e-3
@@ -46,10 +46,8 @@ class BackboneSizes:
     vocab_size: int = 1024
     clip_hidden: int = 96
     clip_layers: int = 4
-    # the shapes are learned last: a linear probe of shape from the pooled embedding read 33% (chance 17%) at
-    # 500 steps, then 52, 80 and 92% at 800, 1200 and 1500 in fp32, and 82-84% at 1500 with bf16 autocast
-    # (colour, size and position come much earlier); with shapes read, the demo's classification went from
-    # 18-20% to 32-74% over four runs
+    # shapes are learned last (colour, size and position much earlier): it trains until a linear probe of
+    # its embedding reads them (docs/toyworld.md)
     clip_steps: int = 1500
     clip_batch: int = 128
 
@@ -72,9 +70,9 @@ def _mixed_precision(device: torch.device):
     """bf16 autocast where the hardware computes in bf16 natively (CUDA; CPUs with AVX512-BF16 or AMX), else fp32,
     through the training loop's :func:`~flamingo_vlm.training.distributed.autocast_context`.
 
-    Weights and optimizer state stay fp32 (what is saved is fp32). On a 2-core AVX512-BF16 CPU, with eager
-    attention (:func:`_for_training`), a step of the toy LM takes 60 ms instead of 105 ms and one of the toy
-    CLIP 84 ms instead of 200 ms; on a CPU without native bf16 the emulation would be slower than fp32.
+    Weights and optimizer state stay fp32 (what is saved is fp32). Native bf16 roughly halves a step of
+    either backbone on CPU (with eager attention, :func:`_for_training`); on a CPU without it the emulation
+    would be slower than fp32. Timings: docs/toyworld.md.
     """
     native = True  # on CUDA, autocast_context itself falls back to fp32 where the GPU lacks bf16
     if device.type == "cpu":
@@ -85,8 +83,8 @@ def _mixed_precision(device: torch.device):
 
 def _for_training(model, device: torch.device):
     """The model on ``device`` with eager attention: for these short sequences and 24-32-wide heads it is faster
-    on CPU than SDPA's flash kernel (13% of a CLIP step in fp32, 2x in bf16). Not saved: ``from_pretrained``
-    gives the default attention back."""
+    on CPU than SDPA's flash kernel, most of all under bf16. Not saved: ``from_pretrained`` gives the default
+    attention back."""
     model.set_attn_implementation("eager")
     return model.to(device)
 
@@ -144,7 +142,7 @@ def _lr(step: int, total: int, peak: float, warmup: int) -> float:
 
 def _lr_constant_then_decay(step: int, total: int, peak: float, warmup: int, decay: float = 0.1) -> float:
     """Linear warmup, constant, linear decay over the last ``decay`` of the steps. A cosine schedule would
-    lower the rate before the induction heads form (about 70% into the LM's run) and can stall them."""
+    lower the rate before the induction heads form (late in the LM's pretraining) and can stall them."""
     start = int(total * (1 - decay))
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -228,7 +226,7 @@ def _pairs(world: Path):
 
     The pairs' own captions name colours and sizes in each writer's words (``text.WORDS``); the toy CLIP
     learns from what the picture shows, named one way (as a real CLIP is trained on its own data, not on the
-    Flamingo mixture): trained on the writers' words, a linear probe of its embedding read 72% of the shapes, against 85%.
+    Flamingo mixture); trained on the writers' words it reads shapes less well (docs/toyworld.md).
     """
     shards = sorted(str(p) for p in (world / "pairs").glob("shard-*.tar"))
     for sample in wds.WebDataset(shards, shardshuffle=False, empty_check=False):

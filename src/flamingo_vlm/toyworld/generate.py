@@ -103,10 +103,9 @@ def _document(rng: random.Random, key: str, images: tuple[int, int]) -> dict:
     fmt = rng.choice(T.DOC_FORMATS)
     n = rng.randint(*images) if fmt != "naming" else rng.randint(max(4, images[0]), max(4, images[1]))
     if fmt == "naming":  # a few colours per document, each bound to a word for this document only
-        # Colours, not shapes: with an earlier toy CLIP that told shapes apart poorly (500 steps: a linear probe
-        # of its embedding read 33% of 6 shapes), words bound to shapes it could not see taught the bridge only
-        # to guess the most recent word; naming colours alone took the held-out label mapping from 66-74% to
-        # 82-91% at 8 shots. The held-out task binds colours too.
+        # Colours, not shapes: colours are what the toy CLIP reads most reliably, and words bound to values the
+        # encoder cannot tell apart teach the bridge only to guess the most recent word (docs/toyworld.md).
+        # The held-out task binds colours too.
         attribute = "colour"
         values = rng.sample(tuple(COLOURS), k=rng.choice((2, 2, 3)))
         style = T.document_style(rng, fmt, attribute, values)

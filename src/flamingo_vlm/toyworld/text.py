@@ -79,8 +79,8 @@ def video_caption(video: VideoScene) -> str:
 # words show (VQAv2's own "what color" questions are among its most common).
 BENCHMARK_QUESTION_WEIGHTS = {"shape": 1, "colour": 2, "size": 1, "count": 1, "position": 1}
 # Web Q&A pages also ask which of two colours a shape is, in the page's words: the bridge learns to pick, of the
-# colour words on the page, the one that names what it sees, as for sizes ("is the shape tiny or large?").
-# (Without them, a same-coloured shot's colour word went into the VQA answer 17-35% of the time; with them 51-86%.)
+# colour words on the page, the one that names what it sees, as for sizes ("is the shape tiny or large?");
+# without them the word a same-coloured shot shows is seldom carried into the VQA answer (docs/toyworld.md).
 QUESTION_TYPES = tuple(BENCHMARK_QUESTION_WEIGHTS) + ("colour_choice",)
 
 
@@ -125,7 +125,7 @@ def video_question(video: VideoScene, kind: str) -> tuple[str, str]:
 # Documents are bursty: every chunk of one document is written in the same format (without that,
 # nothing is learned in context). The held-out evaluation formats are not in this list. Caption and Q&A
 # pages come twice as often as the rest: from them the bridge learns to take a page's words for colours
-# and sizes (with one share each, it learned that in one world and not in another).
+# and sizes (with one share each, that is not learned reliably).
 ATTRIBUTE_FORMATS = {"Colour": "colour", "Shape": "shape", "Size": "size", "Count": "count_word"}
 
 
@@ -168,8 +168,8 @@ def document_style(rng: random.Random, fmt: str, attribute: str | None = None, v
     if fmt == "qa":
         # Half the Q&A pages ask one type of question throughout, half mix the types. On one-type pages only
         # the first chunk needs the question read (after it the answer's type follows from the page), so
-        # with those alone reading the question was learned in some runs and not in others (VQA 56-76% or
-        # 21-22%, the answer of the wrong type); mixed pages make every chunk depend on its question.
+        # with those alone reading the question is not learned reliably (answers of the wrong type); mixed
+        # pages make every chunk depend on its question.
         return {"qa_kind": rng.choice(QUESTION_TYPES) if rng.random() < 0.5 else None, "words": wording(rng)}
     if fmt == "naming":  # words bound to the values of one attribute in this document (colours: see generate._document)
         return {"attribute": attribute, "names": dict(zip(values, nonce_words(rng, len(values))))}

@@ -55,8 +55,8 @@ def build_optimizer(
     gate_lr_multiplier: float = 1.0, fused: bool | None = None,
 ) -> torch.optim.AdamW:
     """AdamW with the groups above. ``fused`` (default: wherever supported) runs torch's one-pass kernel:
-    the same update as the per-tensor loop up to rounding, ~3x faster on CPU for the 65M-parameter bridge of
-    the benchmark (0.037 s vs 0.106 s a step), as the loop reads and writes every state tensor several times."""
+    the same update as the per-tensor loop up to rounding, several times faster on CPU (benchmarks/RESULTS.md),
+    as the loop reads and writes every state tensor several times."""
     if not named_params:
         raise ValueError("the model has no trainable parameters")
     if fused is None:
