@@ -6,20 +6,12 @@ import dataclasses
 import os
 from typing import Any
 
-from torch import nn
 
 from .config import FlamingoConfig
+from .modeling.backbones import load_lm
 from .modeling.flamingo import FlamingoModel
-from .modeling.vision import VisionEncoder, load_vision_encoder
+from .modeling.vision import load_vision_encoder
 from .processing import PROCESSOR_CONFIG_NAME, FlamingoProcessor, add_special_tokens
-
-
-def _load_lm(lm: Any, **kwargs: Any) -> nn.Module:
-    if isinstance(lm, nn.Module):
-        return lm
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(lm, **kwargs)
 
 
 def _load_tokenizer(tokenizer: Any, lm_path: Any):
@@ -31,26 +23,6 @@ def _load_tokenizer(tokenizer: Any, lm_path: Any):
     if source is None:
         raise ValueError("no tokenizer given and the LM was passed as an object: pass tokenizer=")
     return AutoTokenizer.from_pretrained(source)
-
-
-def load_backbones(
-    config: FlamingoConfig,
-    *,
-    lm: Any = None,
-    vision: Any = None,
-    lm_kwargs: dict[str, Any] | None = None,
-    vision_kwargs: dict[str, Any] | None = None,
-) -> tuple[nn.Module, VisionEncoder]:
-    """The LM and vision encoder named by ``config`` (or the given objects/paths instead)."""
-    lm = lm if lm is not None else config.lm_name_or_path
-    vision = vision if vision is not None else config.vision_name_or_path
-    if lm is None or vision is None:
-        raise ValueError("the config names no LM / vision encoder path: pass lm= and vision=")
-    lm_model = _load_lm(lm, **(lm_kwargs or {}))
-    encoder = load_vision_encoder(
-        vision, config.vision_type, feature_layer=config.vision_feature_layer, post_norm=config.vision_post_norm, **(vision_kwargs or {})
-    )
-    return lm_model, encoder
 
 
 def build_flamingo(
@@ -69,7 +41,7 @@ def build_flamingo(
     tokenizer: object or path (default: the LM's path). ``config_overrides``: any FlamingoConfig field.
     """
     lm_path = lm if isinstance(lm, (str, os.PathLike)) else getattr(lm, "name_or_path", None) or None
-    lm_model = _load_lm(lm, **(lm_kwargs or {}))
+    lm_model = load_lm(lm, **(lm_kwargs or {}))
     tokenizer = _load_tokenizer(tokenizer, lm_path)
     requested = FlamingoConfig(**config_overrides)  # the caller's choices; what the backbones decide is set below
     encoder = load_vision_encoder(

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..config import FlamingoConfig
+from ..modeling.backbones import load_lm
 from ..modeling.flamingo import FlamingoModel, xattn_layer_indices
 from ..modeling.lm import ExtendedEmbedding, ExtendedLMHead, find_decoder_layers
 from ..modeling.vision import VisionEncoder, load_vision_encoder
@@ -358,14 +359,6 @@ def load_openflamingo_weights(model: FlamingoModel, checkpoint: str | os.PathLik
     return report
 
 
-def _load_lm(lm: Any, lm_kwargs: dict[str, Any]) -> nn.Module:
-    if isinstance(lm, nn.Module):
-        return lm
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(lm, **lm_kwargs)
-
-
 def load_openflamingo(
     checkpoint: str | os.PathLike | dict[str, torch.Tensor],
     lm: Any,
@@ -390,7 +383,7 @@ def load_openflamingo(
     state = read_openflamingo_checkpoint(checkpoint)
     layout = inspect_checkpoint(state)
     lm_path = lm if isinstance(lm, (str, os.PathLike)) else getattr(lm, "name_or_path", None) or None
-    lm_model = _load_lm(lm, lm_kwargs)
+    lm_model = load_lm(lm, **lm_kwargs)
     tokenizer = _load_tokenizer(tokenizer, lm, lm_kwargs)
     encoder = load_vision_encoder(vision, vision_type, post_norm=vision_post_norm, **vision_kwargs)
 

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import FlamingoConfig
+from .backbones import load_backbones
 from .context import NO_MEDIA, MediaContext, MediaKV, StepMedia
 from .lm import (
     CONTEXT_KWARG,
@@ -450,8 +451,6 @@ class FlamingoModel(nn.Module):
         vision_kwargs: dict[str, Any] | None = None,
     ) -> FlamingoModel:
         """Rebuild from :meth:`save_pretrained`; backbones from the paths in the config unless given."""
-        from ..builder import load_backbones
-
         config = FlamingoConfig.load(directory)
         lm_model, encoder = load_backbones(config, lm=lm, vision=vision, lm_kwargs=lm_kwargs, vision_kwargs=vision_kwargs)
         model = cls(config, lm_model, encoder)

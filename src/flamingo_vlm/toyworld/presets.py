@@ -8,8 +8,8 @@ import base64
 import io
 import random
 
-from ..toyworld.text import caption, question
-from ..toyworld.world import render_scene, sample_scene
+from .text import caption, question
+from .world import render_scene, sample_scene
 
 
 def png_data_url(image) -> str:

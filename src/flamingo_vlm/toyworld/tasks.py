@@ -17,8 +17,7 @@ import random
 from dataclasses import replace
 from pathlib import Path
 
-from ..evaluation.metrics import exact_match_accuracy
-from ..evaluation.task import Example, Task, register_task
+from ..evaluation import Example, Task, exact_match_accuracy, register_task
 from .text import HELDOUT_NONCE_WORDS, HELDOUT_PREFIX
 
 LAYOUTS = tuple(itertools.permutations(("colour", "size", "position")))
