@@ -81,6 +81,8 @@ class FlamingoProcessor:
         """Interleaved lists (``inputs``) or placeholder text (``text`` + ``images``) -> a BatchFeature.
 
         padding_side: "left" for generation (the prompt ends where decoding starts), "right" for training.
+        return_labels: add ``labels`` [B, L] by the rule ``flamingo train`` uses (:meth:`make_labels`): only
+        text after a row's first ``<image>`` is a target.
         """
         if (inputs is None) == (text is None):
             raise ValueError("pass either interleaved `inputs` or `text` (with `images`), not both or neither")
