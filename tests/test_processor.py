@@ -5,7 +5,7 @@ import torch
 
 from flamingo_vlm import FlamingoProcessor, ImageTransform, Video, add_special_tokens
 from flamingo_vlm.modeling.vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from flamingo_vlm.processing import stack_media
+from flamingo_vlm.processing import make_labels, stack_media
 from flamingo_vlm.tiny import make_tokenizer
 
 from helpers import BLUE, GREEN, RED, WHITE, image
@@ -128,15 +128,20 @@ def test_preprocessed_tensors(processor):
     assert batch["frame_mask"].sum(1).tolist() == [1, 4]
 
 
-def test_make_labels_masks_padding_and_media(processor):
+def test_make_labels_is_the_training_rule(processor):
     batch = processor([["short", image(RED), "a"], ["a longer prompt", image(BLUE), "Output: blue"]], padding_side="right", return_labels=True)
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    ignored = (mask == 0) | (ids == processor.media_token_id)
-    assert ignored.any() and (mask == 0).any()
+    is_media = ids == processor.media_token_id
+    before_first_image = is_media.long().cumsum(1) == 0  # text that sees no image is not trained
+    ignored = (mask == 0) | is_media | before_first_image
+    assert (mask == 0).any() and (~ignored).any()
     assert (labels[ignored] == -100).all()
     assert torch.equal(labels[~ignored], ids[~ignored])
+    assert torch.equal(labels, make_labels(ids, mask, processor.media_token_id))
     # without an attention mask the pad token marks padding
     assert torch.equal(processor.make_labels(ids), labels)
+    with pytest.warns(UserWarning, match=r"row\(s\) \[1\] have no loss target"):
+        processor([["a", image(RED), "b"], ["text only"]], return_labels=True)
 
 
 def test_add_special_tokens_is_idempotent():

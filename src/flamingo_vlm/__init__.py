@@ -8,8 +8,8 @@ check_transformers(_transformers.__version__)
 
 from .builder import build_flamingo, load_flamingo
 from .config import FlamingoConfig
-from .modeling import FlamingoModel, FlamingoOutput, GatedCrossAttentionBlock, ImageTransform, PerceiverResampler, VisionEncoder, load_vision_encoder
-from .processing import FlamingoProcessor, Video, add_special_tokens
+from .modeling import FlamingoModel, FlamingoOutput, GatedCrossAttentionBlock, PerceiverResampler, VisionEncoder, load_vision_encoder
+from .processing import FlamingoProcessor, ImageTransform, Video, add_special_tokens
 
 __version__ = "0.1.0"
 

@@ -6,12 +6,11 @@ import dataclasses
 import os
 from typing import Any
 
-
 from .config import FlamingoConfig
 from .modeling.backbones import load_lm
 from .modeling.flamingo import FlamingoModel
 from .modeling.vision import load_vision_encoder
-from .processing import PROCESSOR_CONFIG_NAME, FlamingoProcessor, add_special_tokens
+from .processing import PROCESSOR_CONFIG_NAME, FlamingoProcessor, ImageTransform, add_special_tokens
 
 
 def _load_tokenizer(tokenizer: Any, lm_path: Any):
@@ -65,7 +64,7 @@ def build_flamingo(
     model = FlamingoModel(config, lm_model, encoder)
     model._set_trainable()
     processor = FlamingoProcessor(
-        tokenizer, encoder.image_transform, media_token=config.media_token, end_of_chunk_token=config.end_of_chunk_token
+        tokenizer, ImageTransform.for_encoder(encoder), media_token=config.media_token, end_of_chunk_token=config.end_of_chunk_token
     )
     return model, processor
 
@@ -79,7 +78,7 @@ def load_flamingo(directory: str | os.PathLike, *, lm: Any = None, vision: Any =
     else:
         tok = _load_tokenizer(tokenizer, config.lm_name_or_path)
         add_special_tokens(tok, media_token=config.media_token, end_of_chunk_token=config.end_of_chunk_token, pad_token=config.pad_token)
-        processor = FlamingoProcessor(tok, model.vision_encoder.image_transform, media_token=config.media_token, end_of_chunk_token=config.end_of_chunk_token)
+        processor = FlamingoProcessor(tok, ImageTransform.for_encoder(model.vision_encoder), media_token=config.media_token, end_of_chunk_token=config.end_of_chunk_token)
     if processor.media_token_id != config.media_token_id or processor.end_of_chunk_token_id != config.end_of_chunk_token_id:
         raise ValueError(
             f"the tokenizer's special token ids ({processor.media_token_id}, {processor.end_of_chunk_token_id}) differ from "

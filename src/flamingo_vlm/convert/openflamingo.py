@@ -35,7 +35,7 @@ from ..modeling.backbones import load_lm
 from ..modeling.flamingo import FlamingoModel, xattn_layer_indices
 from ..modeling.lm import ExtendedEmbedding, ExtendedLMHead, find_decoder_layers
 from ..modeling.vision import VisionEncoder, load_vision_encoder
-from ..processing import FlamingoProcessor
+from ..processing import FlamingoProcessor, ImageTransform
 from .clip_vision import read_state_dict
 
 OF_MEDIA_TOKEN, OF_END_OF_CHUNK_TOKEN, OF_PAD_TOKEN = "<image>", "<|endofchunk|>", "<PAD>"
@@ -418,7 +418,7 @@ def load_openflamingo(
     })
     model = FlamingoModel(config, lm_model, encoder)
     report = load_openflamingo_weights(model, state)
-    processor = FlamingoProcessor(tokenizer, encoder.image_transform, media_token=OF_MEDIA_TOKEN, end_of_chunk_token=OF_END_OF_CHUNK_TOKEN)
+    processor = FlamingoProcessor(tokenizer, ImageTransform.for_encoder(encoder), media_token=OF_MEDIA_TOKEN, end_of_chunk_token=OF_END_OF_CHUNK_TOKEN)
     return model, processor, report
 
 

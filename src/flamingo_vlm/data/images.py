@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import os
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from ..processing import images
 from .samples import SkipSample
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -32,19 +32,19 @@ class ImageFilter:
 
 
 def open_image(data: bytes) -> Image.Image:
-    """Parse an image's header (no pixel decoding yet); SkipSample("corrupt_image") if it is not an image."""
+    """Parse an image's header (no pixel decoding yet) with the one image decoder
+    (:mod:`flamingo_vlm.processing.images`); SkipSample("corrupt_image") if it is not an image."""
     try:
-        return Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        return images.open_image(data)
+    except images.ImageDecodeError as e:
         raise SkipSample("corrupt_image", str(e)) from e
 
 
 def decode_image(image: Image.Image) -> Image.Image:
     """Decode the pixels of an opened image as RGB; SkipSample("corrupt_image") on truncated data."""
     try:
-        image.load()
-        return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return images.decode_image(image)
+    except images.ImageDecodeError as e:
         raise SkipSample("corrupt_image", str(e)) from e
 
 

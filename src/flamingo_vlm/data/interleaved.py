@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..modeling.vision import ImageTransform
+from ..processing.images import ImageTransform
 from .images import ImageFilter, b64_bytes, decode_image, find_image_file, open_image, read_file
 from .samples import Sample, SkipSample
 from .sources import JsonlSource, ParquetSource, TarSource

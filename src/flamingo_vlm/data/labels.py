@@ -1,4 +1,5 @@
-"""Loss targets and batching, vectorised over the whole batch (no per-token Python loops)."""
+"""Training batches: samples padded and stacked, with the targets of the one label rule
+(:func:`flamingo_vlm.processing.labels.make_labels`), vectorised over the whole batch."""
 
 from __future__ import annotations
 
@@ -9,21 +10,8 @@ from torch.nn.utils.rnn import pad_sequence
 
 from ..modeling.loss import IGNORE_INDEX
 from ..processing import stack_media
+from ..processing.labels import make_labels
 from .samples import Sample
-
-
-def make_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, media_token_id: int) -> torch.Tensor:
-    """Targets [B, L] for ``input_ids`` [B, L]: ``-100`` on padding, on ``<image>`` and on every token
-    before a row's first ``<image>`` (text that sees no image, e.g. a page's title: the paper trains the
-    bridge, not the LM); ``<|endofchunk|>`` and EOS stay targets so the model learns where chunks end.
-
-    Padding is read from ``attention_mask`` (not the pad id), so a tokenizer whose pad token is its EOS
-    keeps its real EOS as a target.
-    """
-    is_media = input_ids == media_token_id
-    before_first_media = is_media.long().cumsum(dim=1) == 0
-    ignore = is_media | before_first_media | (attention_mask == 0)
-    return input_ids.masked_fill(ignore, IGNORE_INDEX)
 
 
 def collate(samples: Sequence[Sample], *, pad_token_id: int, media_token_id: int) -> dict:

@@ -18,7 +18,7 @@ import json
 
 import numpy as np
 
-from ..modeling.vision import ImageTransform
+from ..processing.images import ImageTransform
 from .images import IMAGE_EXTENSIONS, decode_image, open_image
 from .samples import Sample, SkipSample
 from .sources import TarSource

@@ -14,50 +14,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn.functional as F
 
-from ..processing import Video
-
-VIDEO_SUFFIXES = {".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".gif"}
-
-
-def is_video_path(item: Any) -> bool:
-    return isinstance(item, (str, Path)) and Path(item).suffix.lower() in VIDEO_SUFFIXES
-
-
-def uniform_frame_indices(total: int, num_frames: int) -> list[int]:
-    """Up to ``num_frames`` indices spread evenly over ``total`` frames (the centre of each equal segment)."""
-    k = min(num_frames, total)
-    return [int((i + 0.5) * total / k) for i in range(k)]
-
-
-def load_video(path: str | Path, num_frames: int = 8) -> Video:
-    """Decode a video file with PyAV and sample up to ``num_frames`` frames uniformly -> Video(PIL frames)."""
-    import av
-
-    from ..data.video import rgb_images
-
-    try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            total = stream.frames
-            if total > 0:  # known length: keep only the sampled frames while decoding
-                wanted = set(uniform_frame_indices(total, num_frames))
-                frames = []
-                for i, frame in enumerate(container.decode(stream)):
-                    if i in wanted:
-                        frames.append(frame)
-                    if i >= max(wanted):
-                        break
-                if frames:
-                    return Video(rgb_images(frames))
-            container.seek(0)
-            frames = list(container.decode(stream))
-            # convert only the sampled frames
-            frames = rgb_images([frames[i] for i in uniform_frame_indices(len(frames), num_frames)])
-    except (av.error.FFmpegError, OSError, IndexError) as e:
-        raise ValueError(f"cannot decode video {path}: {e}") from e
-    if not frames:
-        raise ValueError(f"video {path} has no frames")
-    return Video(frames)
+from ..processing.video import VIDEO_SUFFIXES, is_video_path, load_video  # noqa: F401 (VIDEO_SUFFIXES: used by evaluation.tasks)
 
 
 class _LRU:

@@ -1,5 +1,5 @@
 """Vision adapters: a frozen encoder that turns images [N, C, H, W] into features [N, S, d], and the
-image transform (resize, crop, normalise) that the encoder expects.
+facts about its input (size, mean, std) that preprocessing needs (:class:`ImagePreprocessing`).
 
 Registry: ``clip`` and ``siglip`` (Hugging Face transformers), ``open_clip`` and ``timm`` (optional
 extras: ``pip install flamingo-vlm[open_clip]`` / ``[timm]``).
@@ -7,99 +7,50 @@ extras: ``pip install flamingo-vlm[open_clip]`` / ``[timm]``).
 
 from __future__ import annotations
 
-import io
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGE_TRANSFORM_NAME = "image_transform.json"
 
 
-@dataclass
-class ImageTransform:
-    """PIL image (or path, bytes, HxWxC uint8 array) -> float tensor [3, size, size].
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """What an encoder expects of its input: square images of ``image_size`` px, scaled to [0, 1] and
+    normalised per channel with ``image_mean`` / ``image_std``. Plain data: the transform that applies it
+    is :class:`flamingo_vlm.processing.ImageTransform` (``ImageTransform.for_encoder(encoder)``)."""
 
-    Shortest side resized to ``size`` (bicubic), centre crop, scale to [0, 1], normalise per channel.
-    """
-
-    size: int = 224
-    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
-    std: tuple[float, float, float] = OPENAI_CLIP_STD
-
-    def __call__(self, image) -> torch.Tensor:
-        from PIL import Image
-
-        image = load_image(image)
-        image = image.convert("RGB")
-        w, h = image.size
-        scale = self.size / min(w, h)
-        image = image.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))), Image.BICUBIC)
-        w, h = image.size
-        left, top = (w - self.size) // 2, (h - self.size) // 2
-        image = image.crop((left, top, left + self.size, top + self.size))
-        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (x - mean) / std
-
-    def save(self, directory: str | os.PathLike) -> None:
-        with open(os.path.join(directory, IMAGE_TRANSFORM_NAME), "w") as f:
-            json.dump(asdict(self), f, indent=2)
+    image_size: int = 224
+    image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, float, float] = OPENAI_CLIP_STD
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "ImageTransform":
-        with open(os.path.join(directory, IMAGE_TRANSFORM_NAME)) as f:
-            data = json.load(f)
-        return cls(size=data["size"], mean=tuple(data["mean"]), std=tuple(data["std"]))
-
-    @classmethod
-    def from_preprocessor_config(cls, path: str | os.PathLike, default_size: int, default_mean, default_std) -> "ImageTransform":
+    def from_preprocessor_config(cls, path: str | os.PathLike, default_size: int, default_mean, default_std) -> "ImagePreprocessing":
         """Read size/mean/std from a Hugging Face ``preprocessor_config.json`` when the directory has one."""
         file = Path(path) / "preprocessor_config.json"
         if not file.is_file():
-            return cls(size=default_size, mean=tuple(default_mean), std=tuple(default_std))
+            return cls(int(default_size), tuple(default_mean), tuple(default_std))
         data = json.loads(file.read_text())
         size = data.get("crop_size") or data.get("size") or default_size
         if isinstance(size, dict):
             size = size.get("height") or size.get("shortest_edge") or default_size
-        return cls(size=int(size), mean=tuple(data.get("image_mean", default_mean)), std=tuple(data.get("image_std", default_std)))
-
-
-def load_image(image):
-    """A PIL image from a PIL image, a path, raw bytes or an HxWxC uint8 array; ValueError if it cannot decode."""
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(image, Image.Image):
-        return image
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[-1] not in (1, 3, 4) or image.dtype != np.uint8:
-            raise ValueError(f"an image array must be H x W x C uint8, got shape {image.shape} dtype {image.dtype}")
-        return Image.fromarray(image if image.shape[-1] != 1 else image[..., 0])
-    source = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image
-    if not isinstance(source, (io.BytesIO, str, os.PathLike)):
-        raise ValueError(f"cannot read an image from a {type(image).__name__}")
-    try:
-        img = Image.open(source)
-        img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        name = "image bytes" if isinstance(source, io.BytesIO) else f"image file {source!s}"
-        raise ValueError(f"failed to decode {name}: {e}") from e
-    return img
+        return cls(int(size), tuple(data.get("image_mean", default_mean)), tuple(data.get("image_std", default_std)))
 
 
 class VisionEncoder(nn.Module):
-    """Frozen image encoder: pixel_values [N, C, H, W] -> features [N, S, hidden_size]."""
+    """Frozen image encoder: pixel_values [N, C, H, W] -> features [N, S, hidden_size].
+
+    ``preprocessing`` says what the pixels must be (size, mean, std); processing builds the transform.
+    """
 
     hidden_size: int
-    image_transform: ImageTransform
+    preprocessing: ImagePreprocessing
     name_or_path: str | None = None
     vision_type: str = ""
 
@@ -119,10 +70,10 @@ class HFVisionEncoder(VisionEncoder):
     CLIP's CLS token is dropped (the paper flattens the feature map; OpenFlamingo uses patch tokens too).
     """
 
-    def __init__(self, model: nn.Module, image_transform: ImageTransform, *, feature_layer: int = -1, vision_type: str = "clip", name_or_path: str | None = None):
+    def __init__(self, model: nn.Module, preprocessing: ImagePreprocessing, *, feature_layer: int = -1, vision_type: str = "clip", name_or_path: str | None = None):
         super().__init__()
         self.model = model
-        self.image_transform = image_transform
+        self.preprocessing = preprocessing
         self.feature_layer = feature_layer
         self.hidden_size = model.config.hidden_size
         self.vision_type = vision_type
@@ -147,11 +98,11 @@ class HFVisionEncoder(VisionEncoder):
 class OpenClipVisionEncoder(VisionEncoder):
     """The visual tower of an open_clip model: its patch tokens (``output_tokens=True``)."""
 
-    def __init__(self, visual: nn.Module, image_transform: ImageTransform, name_or_path: str | None = None):
+    def __init__(self, visual: nn.Module, preprocessing: ImagePreprocessing, name_or_path: str | None = None):
         super().__init__()
         self.visual = visual
         self.visual.output_tokens = True
-        self.image_transform = image_transform
+        self.preprocessing = preprocessing
         self.hidden_size = visual.transformer.width if hasattr(visual, "transformer") else visual.output_dim
         self.vision_type = "open_clip"
         self.name_or_path = name_or_path
@@ -175,10 +126,10 @@ class OpenClipVisionEncoder(VisionEncoder):
 class TimmVisionEncoder(VisionEncoder):
     """A timm model's ``forward_features`` output, prefix (class/register) tokens dropped."""
 
-    def __init__(self, model: nn.Module, image_transform: ImageTransform, name_or_path: str | None = None):
+    def __init__(self, model: nn.Module, preprocessing: ImagePreprocessing, name_or_path: str | None = None):
         super().__init__()
         self.model = model
-        self.image_transform = image_transform
+        self.preprocessing = preprocessing
         self.hidden_size = model.num_features
         self.num_prefix_tokens = getattr(model, "num_prefix_tokens", 0)
         self.vision_type = "timm"
@@ -206,8 +157,11 @@ def _load_hf(name_or_path, vision_type: str, feature_layer: int, **kwargs) -> Vi
     config = model.config
     if hasattr(config, "vision_config"):
         config = config.vision_config
-    transform = ImageTransform.from_preprocessor_config(path, config.image_size, mean, std) if path else ImageTransform(config.image_size, mean, std)
-    return HFVisionEncoder(model, transform, feature_layer=feature_layer, vision_type=vision_type, name_or_path=path)
+    if path:
+        preprocessing = ImagePreprocessing.from_preprocessor_config(path, config.image_size, mean, std)
+    else:
+        preprocessing = ImagePreprocessing(int(config.image_size), mean, std)
+    return HFVisionEncoder(model, preprocessing, feature_layer=feature_layer, vision_type=vision_type, name_or_path=path)
 
 
 def _load_open_clip(name_or_path, vision_type: str, feature_layer: int, pretrained: str | None = None, **kwargs) -> VisionEncoder:
@@ -220,7 +174,7 @@ def _load_open_clip(name_or_path, vision_type: str, feature_layer: int, pretrain
     size = size[0] if isinstance(size, (tuple, list)) else size
     mean = getattr(model.visual, "image_mean", None) or OPENAI_CLIP_MEAN
     std = getattr(model.visual, "image_std", None) or OPENAI_CLIP_STD
-    return OpenClipVisionEncoder(model.visual, ImageTransform(int(size), tuple(mean), tuple(std)), name_or_path=str(name_or_path))
+    return OpenClipVisionEncoder(model.visual, ImagePreprocessing(int(size), tuple(mean), tuple(std)), name_or_path=str(name_or_path))
 
 
 def _load_timm(name_or_path, vision_type: str, feature_layer: int, pretrained: bool = True, **kwargs) -> VisionEncoder:
@@ -236,8 +190,8 @@ def _load_timm(name_or_path, vision_type: str, feature_layer: int, pretrained: b
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if img_size is not None:
         size = img_size[-1] if isinstance(img_size, (tuple, list)) else img_size
-    transform = ImageTransform(int(size), tuple(cfg["mean"]), tuple(cfg["std"]))
-    return TimmVisionEncoder(model, transform, name_or_path=str(name_or_path))
+    preprocessing = ImagePreprocessing(int(size), tuple(cfg["mean"]), tuple(cfg["std"]))
+    return TimmVisionEncoder(model, preprocessing, name_or_path=str(name_or_path))
 
 
 VISION_LOADERS: dict[str, Callable[..., VisionEncoder]] = {

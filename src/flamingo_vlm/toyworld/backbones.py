@@ -21,7 +21,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from ..modeling.vision import ImageTransform
+from ..processing import ImageTransform
 from ..training.distributed import autocast_context
 from ..training.optim import fused_adamw_supported
 from .text import HELDOUT_NONCE_WORDS, caption, spread

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,9 +21,10 @@ from typing import Any, Sequence
 import torch
 from transformers import AutoTokenizer, BatchFeature
 
-from .config import END_OF_CHUNK_TOKEN, MEDIA_TOKEN, PAD_TOKEN
-from .modeling.loss import IGNORE_INDEX
-from .modeling.vision import ImageTransform
+from ..config import END_OF_CHUNK_TOKEN, MEDIA_TOKEN, PAD_TOKEN
+from ..modeling.loss import IGNORE_INDEX
+from .images import ImageTransform
+from .labels import make_labels
 
 PROCESSOR_CONFIG_NAME = "flamingo_processor.json"
 
@@ -79,6 +81,8 @@ class FlamingoProcessor:
         """Interleaved lists (``inputs``) or placeholder text (``text`` + ``images``) -> a BatchFeature.
 
         padding_side: "left" for generation (the prompt ends where decoding starts), "right" for training.
+        return_labels: add ``labels`` [B, L] by the rule ``flamingo train`` uses (:meth:`make_labels`): only
+        text after a row's first ``<image>`` is a target.
         """
         if (inputs is None) == (text is None):
             raise ValueError("pass either interleaved `inputs` or `text` (with `images`), not both or neither")
@@ -102,6 +106,12 @@ class FlamingoProcessor:
         data.update(stack_media(media))
         if return_labels:
             data["labels"] = self.make_labels(data["input_ids"], data["attention_mask"])
+            empty = (data["labels"][:, 1:] == IGNORE_INDEX).all(dim=1).nonzero().flatten().tolist()
+            if empty:
+                warnings.warn(
+                    f"row(s) {empty} have no loss target: only text after a row's first {self.media_token} is trained "
+                    f"(the rule of `flamingo train`)", stacklevel=2,
+                )
         return BatchFeature(data, tensor_type=None)
 
     def _interleaved(self, inputs: Sequence[Any]) -> list[tuple[str, list[torch.Tensor]]]:
@@ -161,14 +171,14 @@ class FlamingoProcessor:
         return x
 
     def make_labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Targets for the LM loss: input_ids with padding and ``<image>`` tokens set to -100 (ignored)."""
-        labels = input_ids.clone()
-        labels[input_ids == self.media_token_id] = IGNORE_INDEX
-        if attention_mask is not None:
-            labels[attention_mask == 0] = IGNORE_INDEX
-        else:
-            labels[input_ids == self.tokenizer.pad_token_id] = IGNORE_INDEX
-        return labels
+        """Targets [B, L] for the LM loss by the training rule (:func:`flamingo_vlm.processing.labels.make_labels`):
+        -100 on padding, ``<image>`` and the text before a row's first ``<image>``.
+
+        Without ``attention_mask`` [B, L], padding is where ``input_ids`` is the pad id.
+        """
+        if attention_mask is None:
+            attention_mask = (input_ids != self.tokenizer.pad_token_id).long()
+        return make_labels(input_ids, attention_mask, self.media_token_id)
 
     # ---- outputs -> text ---------------------------------------------------------------------
     def batch_decode(self, token_ids, skip_special_tokens: bool = True, **kwargs) -> list[str]:
@@ -213,4 +223,4 @@ def stack_media(media: list[torch.Tensor]) -> dict[str, torch.Tensor | None]:
     return {"pixel_values": pixel_values, "frame_mask": frame_mask}
 
 
-__all__ = ["FlamingoProcessor", "Video", "add_special_tokens", "stack_media"]
+__all__ = ["PROCESSOR_CONFIG_NAME", "FlamingoProcessor", "Video", "add_special_tokens", "stack_media"]

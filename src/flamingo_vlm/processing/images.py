@@ -1,0 +1,164 @@
+"""Images -> RGB PIL images -> pixel tensors: the one image decoder, and the transform an encoder expects.
+
+Training data, the processor and the server all decode through :func:`open_image` / :func:`decode_image`,
+so an image that one of them accepts decodes to the same pixels in the others. Each caller turns
+:class:`ImageDecodeError` into its own failure: a counted skip (data), a ``ValueError`` for the user
+(processor), a 400 or 413 (serving).
+
+A decompression bomb is a small file (a few KB of PNG) whose header claims a huge image (50000 x 50000):
+``Image.open`` reads only the header, so with ``max_pixels`` the size is checked before ``load()``
+allocates the pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..modeling.vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VisionEncoder
+
+IMAGE_TRANSFORM_NAME = "image_transform.json"
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image (of the accepted formats), are truncated, or have no pixels."""
+
+
+class ImageTooLarge(ImageDecodeError):
+    """The image's header claims more pixels than allowed (``max_pixels``, or PIL's own bomb guard)."""
+
+
+def open_image(data: bytes | bytearray, *, max_pixels: int | None = None, formats: Sequence[str] | None = None) -> Image.Image:
+    """Parse an image's header (no pixel is decoded yet) and check its size.
+
+    max_pixels: refuse (:class:`ImageTooLarge`) images whose width x height is over it; None leaves
+    only PIL's global guard (``Image.MAX_IMAGE_PIXELS``: warns from 89M pixels, refuses from 179M).
+    formats: PIL format names to accept (e.g. ("PNG", "JPEG")); None accepts every format PIL reads.
+    """
+    try:
+        with warnings.catch_warnings():
+            if max_pixels is not None:  # our own limit is checked below; PIL's warning would only be noise
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=formats)
+    except Image.DecompressionBombError as e:
+        limit = f"the limit of {max_pixels:,} pixels" if max_pixels is not None else "PIL's pixel limit"
+        raise ImageTooLarge(f"the image is over {limit} ({e})") from e
+    except UnidentifiedImageError as e:
+        what = f"a {'/'.join(formats)} file" if formats else "an image file PIL can read"
+        raise ImageDecodeError(f"cannot decode the image: the bytes are not {what}") from e
+    except (OSError, SyntaxError, ValueError, TypeError) as e:
+        raise ImageDecodeError(f"cannot decode the image: {e}") from e
+    _check_size(image, max_pixels)
+    return image
+
+
+def decode_image(image: bytes | bytearray | Image.Image, *, max_pixels: int | None = None, formats: Sequence[str] | None = None) -> Image.Image:
+    """Decode the pixels of image bytes (or of an image :func:`open_image` opened) as an RGB PIL image.
+
+    Greyscale, palette, RGBA, CMYK... become RGB (an alpha channel is dropped, as ``Image.convert`` does).
+    Raises :class:`ImageDecodeError` (truncated or corrupt data) or :class:`ImageTooLarge`.
+    """
+    if isinstance(image, (bytes, bytearray)):
+        image = open_image(image, max_pixels=max_pixels, formats=formats)
+    elif not isinstance(image, Image.Image):
+        raise TypeError(f"decode_image takes bytes or a PIL image, got a {type(image).__name__}")
+    else:
+        _check_size(image, max_pixels)
+    try:
+        with warnings.catch_warnings():
+            if max_pixels is not None:
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # A palette image with a transparent colour warns that it "should be converted to RGBA": the
+            # alpha is dropped anyway, so the warning says nothing about the RGB result.
+            warnings.filterwarnings("ignore", message="Palette images with Transparency", category=UserWarning)
+            image.load()
+            return image if image.mode == "RGB" else image.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(f"the image is over PIL's pixel limit ({e})") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageDecodeError(f"cannot decode the image: {e}") from e
+
+
+def _check_size(image: Image.Image, max_pixels: int | None) -> None:
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageDecodeError(f"the image has no pixels ({width}x{height})")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLarge(f"the image is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}")
+
+
+def load_image(image: Any) -> Image.Image:
+    """An RGB PIL image from a PIL image, a path, raw bytes or an H x W x C uint8 array.
+
+    Raises :class:`ImageDecodeError` (a ``ValueError``) naming the source when it cannot be decoded.
+    """
+    if isinstance(image, Image.Image):
+        return decode_image(image)
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[-1] not in (1, 3, 4) or image.dtype != np.uint8:
+            raise ValueError(f"an image array must be H x W x C uint8, got shape {image.shape} dtype {image.dtype}")
+        return decode_image(Image.fromarray(image if image.shape[-1] != 1 else image[..., 0]))
+    if isinstance(image, (bytes, bytearray)):
+        name, read = "image bytes", lambda: image
+    elif isinstance(image, (str, os.PathLike)):
+        name, read = f"image file {image!s}", lambda: _read_file(image)
+    else:
+        raise ValueError(f"cannot read an image from a {type(image).__name__}")
+    try:
+        return decode_image(read())
+    except (ImageDecodeError, OSError) as e:  # OSError: a file that cannot be read
+        raise ImageDecodeError(f"failed to decode {name}: {e}") from e
+
+
+def _read_file(path: str | os.PathLike) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@dataclass
+class ImageTransform:
+    """PIL image (or path, bytes, H x W x C uint8 array) -> float tensor [3, size, size].
+
+    Shortest side resized to ``size`` (bicubic), centre crop, scale to [0, 1], normalise per channel.
+    """
+
+    size: int = 224
+    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    std: tuple[float, float, float] = OPENAI_CLIP_STD
+
+    @classmethod
+    def for_encoder(cls, encoder: VisionEncoder) -> "ImageTransform":
+        """The transform ``encoder`` was trained with (its :class:`~flamingo_vlm.modeling.vision.ImagePreprocessing`)."""
+        p = encoder.preprocessing
+        return cls(size=p.image_size, mean=tuple(p.image_mean), std=tuple(p.image_std))
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        image = load_image(image)
+        w, h = image.size
+        scale = self.size / min(w, h)
+        image = image.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))), Image.BICUBIC)
+        w, h = image.size
+        left, top = (w - self.size) // 2, (h - self.size) // 2
+        image = image.crop((left, top, left + self.size, top + self.size))
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (x - mean) / std
+
+    def save(self, directory: str | os.PathLike) -> None:
+        with open(os.path.join(directory, IMAGE_TRANSFORM_NAME), "w") as f:
+            json.dump(asdict(self), f, indent=2)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "ImageTransform":
+        with open(os.path.join(directory, IMAGE_TRANSFORM_NAME)) as f:
+            data = json.load(f)
+        return cls(size=data["size"], mean=tuple(data["mean"]), std=tuple(data["std"]))
