@@ -10,8 +10,8 @@ import pytest
 from flamingo_vlm.data.samples import SkipSample
 from flamingo_vlm.data.video import VIDEO_EXTENSIONS as DATA_VIDEO_EXTENSIONS
 from flamingo_vlm.data.video import decode_video
-from flamingo_vlm.evaluation.media import VIDEO_SUFFIXES as EVAL_VIDEO_SUFFIXES
-from flamingo_vlm.evaluation.media import load_video as eval_load_video
+from flamingo_vlm.evaluation.tasks.files import VIDEO_SUFFIXES as EVAL_VIDEO_SUFFIXES
+from flamingo_vlm.inference.media import load_video as eval_load_video
 from flamingo_vlm.processing import Video
 from flamingo_vlm.processing.video import VIDEO_EXTENSIONS, VIDEO_SUFFIXES, VideoDecodeError, frame_indices, is_video_path, load_video
 

@@ -1,4 +1,4 @@
-"""Media for evaluation prompts: video files decoded with PyAV, and each distinct medium encoded once.
+"""Media of prompts (images, video files, tensors), each distinct medium encoded once.
 
 A few-shot evaluation shows the same support images in many prompts. :class:`MediaEncoder` runs the
 frozen vision encoder and the resampler once per distinct medium (batched, LRU-cached) and hands the
@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn.functional as F
 
-from ..processing.video import VIDEO_SUFFIXES, is_video_path, load_video  # noqa: F401 (VIDEO_SUFFIXES: used by evaluation.tasks)
+from ..processing.video import is_video_path, load_video
 
 
 class _LRU:

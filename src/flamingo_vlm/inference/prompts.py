@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import END_OF_CHUNK_TOKEN
-from ..modeling.context import MediaKV
+from ..modeling import MediaKV
 from .media import MediaEncoder
 
 

@@ -22,8 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..processing import ImageTransform
-from ..training.distributed import autocast_context
-from ..training.optim import fused_adamw_supported
+from ..training import autocast_context, fused_adamw_supported
 from .text import HELDOUT_NONCE_WORDS, caption, spread
 from .world import COLOURS, IMAGE_SIZE, Scene
 

@@ -91,7 +91,7 @@ def lm_text_loss(model, processor, texts: list[str]) -> tuple[float, float]:
 
     Both from their logits through the same loss function, so equal logits give bit-equal losses.
     """
-    from ..modeling.loss import IGNORE_INDEX, causal_lm_loss
+    from ..modeling import IGNORE_INDEX, causal_lm_loss
 
     enc = processor.tokenizer(texts, padding=True, padding_side="right", return_tensors="pt")
     ids = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, processor.tokenizer.eos_token_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from ...inference.media import VIDEO_SUFFIXES
+from ...processing.video import VIDEO_SUFFIXES
 from ..metrics import top_k_accuracy
 from ..task import Example, Task, register_task
 from .files import memo, read_json, require_dir, require_file

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from ...inference.media import VIDEO_SUFFIXES
+from ...processing.video import VIDEO_SUFFIXES
 
 
 def require_file(path: str | Path | None, what: str) -> Path:
