@@ -61,3 +61,14 @@ def randomize_bridge(model, seed: int = 0, gate_range: tuple[float, float] = (0.
             for gate in (block.attn_gate, block.ff_gate):
                 sign = 1.0 if torch.rand((), generator=g) < 0.5 else -1.0
                 gate.fill_(sign * (lo + (hi - lo) * float(torch.rand((), generator=g))))
+
+
+def encode_pieces(processor, model, pieces: list[str]) -> list[int]:
+    """Token ids of text pieces and the markers "IMG", "EOC" and "EOS" (the model's <image>, <|endofchunk|>
+    and EOS ids); no BOS is added, so a test spells out exactly the row it means."""
+    c = model.config
+    special = {"IMG": c.media_token_id, "EOC": c.end_of_chunk_token_id, "EOS": c.eos_token_id}
+    ids: list[int] = []
+    for piece in pieces:
+        ids += [special[piece]] if piece in special else processor.tokenizer.encode(piece, add_special_tokens=False)
+    return ids

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import bridge_reference as ref
-from helpers import build, randomize_bridge
+from helpers import build, encode_pieces, randomize_bridge
 from train_fixtures import single_thread  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -30,22 +30,13 @@ def make_model(lm_type: str, mode: str = "last", reset: bool = False, seed: int 
     return model.eval(), processor
 
 
-def encode(processor, model, pieces: list[str]) -> list[int]:
-    """Token ids of text pieces and the markers IMG, EOC, EOS (no BOS: the rows below do not need one)."""
-    special = {"IMG": model.config.media_token_id, "EOC": model.config.end_of_chunk_token_id, "EOS": model.config.eos_token_id}
-    ids = []
-    for piece in pieces:
-        ids += [special[piece]] if piece in special else processor.tokenizer.encode(piece, add_special_tokens=False)
-    return ids
-
-
 def packed_batch(processor, model) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded input_ids / attention_mask [3, L]: text before the first image, two documents packed
     with an EOS between them, several images per row, and a row without media (5 media in all)."""
     rows = [
-        encode(processor, model, ["a red circle", "IMG", "two cats sit", "EOC", "IMG", " on the mat", "EOS", "the dog runs", "IMG", " in the park", "EOC"]),
-        encode(processor, model, ["IMG", "Question: what colour", "IMG", " Answer: red", "EOC"]),
-        encode(processor, model, ["the quick brown fox"]),
+        encode_pieces(processor, model, ["a red circle", "IMG", "two cats sit", "EOC", "IMG", " on the mat", "EOS", "the dog runs", "IMG", " in the park", "EOC"]),
+        encode_pieces(processor, model, ["IMG", "Question: what colour", "IMG", " Answer: red", "EOC"]),
+        encode_pieces(processor, model, ["the quick brown fox"]),
     ]
     length = max(map(len, rows))
     pad = model.config.pad_token_id
@@ -132,7 +123,7 @@ def test_openflamingo_layout_is_the_rows_media_in_row_order(lm_type):
     media passed flat [M, T, C, H, W] in row order, and those of each row run alone with its own media."""
     model, processor = make_model(lm_type)
     rows = [["IMG", "a red circle", "IMG", " two cats"], ["IMG", "the dog", "IMG", " runs in the"]]
-    encoded = [encode(processor, model, r) for r in rows]
+    encoded = [encode_pieces(processor, model, r) for r in rows]
     length = max(map(len, encoded))
     pad = model.config.pad_token_id
     ids = torch.tensor([r + [pad] * (length - len(r)) for r in encoded])

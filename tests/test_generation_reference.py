@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import build, randomize_bridge
+from helpers import build, encode_pieces, randomize_bridge
 from train_fixtures import single_thread  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -24,14 +24,6 @@ def make_model(lm_type: str, mode: str, reset: bool):
     model, processor = build(lm_type, seed=0, media_attention=mode, reset_media_at_eos=reset)
     randomize_bridge(model, seed=3, gate_range=(1.0, 2.0))
     return model.eval(), processor
-
-
-def encode(processor, model, pieces: list[str]) -> list[int]:
-    special = {"IMG": model.config.media_token_id, "EOC": model.config.end_of_chunk_token_id, "EOS": model.config.eos_token_id}
-    ids = []
-    for piece in pieces:
-        ids += [special[piece]] if piece in special else processor.tokenizer.encode(piece, add_special_tokens=False)
-    return ids
 
 
 # Prompts whose continuation depends on the rule: after "EOS" a new document starts (with the reset, the
@@ -47,7 +39,7 @@ MEDIA_PER_PROMPT = [1, 2, 3]
 
 def prompt_batch(processor, model):
     """Left-padded input_ids / attention_mask [3, P], each row's ids unpadded, and the media [6, 3, 32, 32]."""
-    rows = [encode(processor, model, p) for p in PROMPTS]
+    rows = [encode_pieces(processor, model, p) for p in PROMPTS]
     length = max(map(len, rows))
     pad = model.config.pad_token_id
     ids = torch.tensor([[pad] * (length - len(r)) + r for r in rows])
@@ -130,7 +122,7 @@ def test_the_prompts_make_the_rule_matter(lm_type, mode, reset):
     without that rule gives (no EOS reset; "last" instead of "all"): the tests above can fail."""
     model, processor = make_model(lm_type, mode, reset)
     _, _, rows, pixels = prompt_batch(processor, model)
-    continuation = encode(processor, model, [" on the mat"])
+    continuation = encode_pieces(processor, model, [" on the mat"])
     rivals = ([(mode, False)] if reset else []) + ([("last", reset)] if mode == "all" else [])
     assert rivals
     for rival_mode, rival_reset in rivals:
