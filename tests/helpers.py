@@ -43,3 +43,32 @@ def image(color, size=(40, 36)) -> Image.Image:
 
 RED, GREEN, BLUE, WHITE = (220, 20, 30), (10, 200, 40), (20, 30, 210), (250, 250, 250)
 
+
+
+def randomize_bridge(model, seed: int = 0, gate_range: tuple[float, float] = (0.5, 1.5)) -> None:
+    """Give the bridge weights a reference test can tell apart: every LayerNorm's scale and shift random
+    (at initialisation they are 1 and 0, so a swapped or missing norm would go unseen), and every tanh gate
+    a different non-zero alpha of random sign with |alpha| in ``gate_range`` (open, and not equal to tanh)."""
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = gate_range
+    with torch.no_grad():
+        for module in [model.resampler, *model.xattn_blocks]:
+            for sub in module.modules():
+                if isinstance(sub, torch.nn.LayerNorm):
+                    sub.weight.copy_(1 + 0.3 * torch.randn(sub.weight.shape, generator=g))
+                    sub.bias.copy_(0.3 * torch.randn(sub.bias.shape, generator=g))
+        for block in model.xattn_blocks:
+            for gate in (block.attn_gate, block.ff_gate):
+                sign = 1.0 if torch.rand((), generator=g) < 0.5 else -1.0
+                gate.fill_(sign * (lo + (hi - lo) * float(torch.rand((), generator=g))))
+
+
+def encode_pieces(processor, model, pieces: list[str]) -> list[int]:
+    """Token ids of text pieces and the markers "IMG", "EOC" and "EOS" (the model's <image>, <|endofchunk|>
+    and EOS ids); no BOS is added, so a test spells out exactly the row it means."""
+    c = model.config
+    special = {"IMG": c.media_token_id, "EOC": c.end_of_chunk_token_id, "EOS": c.eos_token_id}
+    ids: list[int] = []
+    for piece in pieces:
+        ids += [special[piece]] if piece in special else processor.tokenizer.encode(piece, add_special_tokens=False)
+    return ids
