@@ -88,7 +88,7 @@ def test_gated_xattn_blocks_equal_the_per_token_reference(lm_type, mode, reset):
     visible = routing_of(model, ids)
     # the batch exercises the rule under test: every other routing gives other block outputs
     block0 = model.xattn_blocks[0]
-    x0 = torch.randn(*ids.shape, c.lm_hidden_size, generator=torch.Generator().manual_seed(1))
+    x0 = torch.randn(*ids.shape, model.lm_hidden_size, generator=torch.Generator().manual_seed(1))
     own = ref.gated_xattn_block(x0, visual, visible, block0.state_dict(), heads=c.xattn_heads)
     for other_mode, other_reset in ROUTINGS:
         if (other_mode, other_reset) != (mode, reset):
