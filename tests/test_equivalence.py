@@ -83,3 +83,23 @@ def test_lm_text_loss_at_init_equals_bare_lm():
         logits = model(**batch).logits
         ref = bare(**batch, labels=labels).loss
     assert torch.equal(causal_lm_loss(logits[..., : bare.config.vocab_size], labels), ref)
+
+
+def test_padded_vocabulary_ids_above_the_new_tokens_run_as_the_lm_runs_them():
+    """A tiny Llama with 299 embedding rows and new tokens at 259-261: ids 262..298 are the LM's own (padding)
+    rows. They embed as in the bare LM, in forward and when generation emits one."""
+    model, processor = build("llama", lm_vocab=299)
+    bare = _bare_lm("llama", vocab=299)
+    assert list(model.config.new_token_ids) == [259, 260, 261]
+    ids = torch.tensor([[5, 280, 298, 7, 262]])
+    with torch.no_grad():
+        ours = model(ids).logits
+        ref = bare(ids).logits
+    assert torch.equal(ours[..., :259], ref[..., :259]) and torch.equal(ours[..., 262:], ref[..., 262:])
+    embed = model.lm.get_input_embeddings()
+    assert torch.equal(embed(ids), bare.get_input_embeddings()(ids))
+    assert embed.num_embeddings == 299
+    # generation may emit such an id (its logit is finite); the next step must run it
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=3, do_sample=False, min_new_tokens=3)
+    assert out.shape == (1, 8)

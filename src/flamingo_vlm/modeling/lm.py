@@ -108,9 +108,11 @@ class FlamingoDecoderLayer(nn.Module):
 
 
 class ExtendedEmbedding(nn.Module):
-    """Frozen base embedding + ``num_new`` trainable rows for ids ``first_new_id ..``.
+    """Frozen base embedding + ``num_new`` trainable rows for ids ``first_new_id .. first_new_id + num_new - 1``.
 
-    input_ids [...] -> [..., d]. Base-vocabulary ids give exactly the base embedding.
+    input_ids [...] -> [..., d]. Every other id gives exactly the base embedding, also ids above the new
+    tokens: a padded vocabulary (Pythia, OPT, Qwen2, MPT) has embedding rows past its tokenizer's entries,
+    which the LM runs like any other row.
     """
 
     def __init__(self, base: nn.Embedding, num_new: int, first_new_id: int) -> None:
@@ -127,14 +129,14 @@ class ExtendedEmbedding(nn.Module):
 
     @property
     def num_embeddings(self) -> int:
-        return self.first_new_id + self.new.num_embeddings
+        return max(self.base.num_embeddings, self.first_new_id + self.new.num_embeddings)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        is_new = input_ids >= self.first_new_id
+        is_new = (input_ids >= self.first_new_id) & (input_ids < self.first_new_id + self.new.num_embeddings)
         base = self.base(torch.where(is_new, torch.zeros_like(input_ids), input_ids))
         if not bool(is_new.any()):
             return base
-        new = self.new((input_ids - self.first_new_id).clamp(min=0)).to(base.dtype)
+        new = self.new((input_ids - self.first_new_id).clamp(0, self.new.num_embeddings - 1)).to(base.dtype)
         return torch.where(is_new[..., None], new, base)
 
 
