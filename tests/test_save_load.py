@@ -85,3 +85,46 @@ def test_loading_onto_the_wrong_backbone_names_the_mismatch(backbones, tmp_path)
 def test_from_pretrained_without_a_save_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="flamingo_config.json"):
         FlamingoModel.from_pretrained(tmp_path)
+
+
+def test_relative_backbone_paths_load_from_another_working_directory(tmp_path, monkeypatch):
+    """The README's create_tiny_backbones("backbones") + build_flamingo(lm_path, vision_path): the config
+    names the backbones so that load_flamingo works from any directory (a relative path would be taken for
+    a hub name and fail offline)."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    lm_path, vision_path = create_tiny_backbones("backbones")
+    assert not os.path.isabs(lm_path)
+    model, processor = build_flamingo(lm_path, vision_path, **SMALL_BRIDGE)
+    _perturb(model)
+    model.save_pretrained("my-flamingo")
+    saved = json.loads((work / "my-flamingo" / "flamingo_config.json").read_text())
+    assert saved["lm_name_or_path"] == str(work / "backbones" / "tiny-llama")
+    batch = _batch(processor)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    monkeypatch.chdir(elsewhere)
+    loaded, _ = load_flamingo(work / "my-flamingo")
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, expected)
+
+
+def test_backbones_inside_the_model_directory_are_saved_relative_to_it(tmp_path, monkeypatch):
+    """A model directory that carries its own backbones can be moved or copied whole."""
+    import shutil
+
+    lm_path, vision_path = create_tiny_backbones(tmp_path / "bundle" / "backbones")
+    model, processor = build_flamingo(lm_path, vision_path, **SMALL_BRIDGE)
+    model.save_pretrained(tmp_path / "bundle")
+    processor.save_pretrained(tmp_path / "bundle")
+    saved = json.loads((tmp_path / "bundle" / "flamingo_config.json").read_text())
+    assert saved["lm_name_or_path"] == os.path.join("backbones", "tiny-llama")
+    assert saved["vision_name_or_path"] == os.path.join("backbones", "tiny-clip")
+    shutil.move(tmp_path / "bundle", tmp_path / "moved")
+    monkeypatch.chdir(tmp_path)
+    loaded, _ = load_flamingo(tmp_path / "moved")
+    assert loaded.config.lm_name_or_path == str(tmp_path / "moved" / "backbones" / "tiny-llama")
+    batch = _batch(processor)
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, model(**batch).logits)

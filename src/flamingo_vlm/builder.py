@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from .config import FlamingoConfig
-from .modeling.backbones import load_lm
+from .modeling.backbones import load_lm, local_path
 from .modeling.flamingo import FlamingoModel
 from .modeling.vision import load_vision_encoder
 from .processing import PROCESSOR_CONFIG_NAME, FlamingoProcessor, ImageTransform, add_special_tokens
@@ -53,8 +53,8 @@ def build_flamingo(
     config = dataclasses.replace(
         requested,
         vision_type=encoder.vision_type,
-        lm_name_or_path=str(lm_path) if lm_path else None,
-        vision_name_or_path=encoder.name_or_path,
+        lm_name_or_path=local_path(str(lm_path)) if lm_path else None,
+        vision_name_or_path=local_path(encoder.name_or_path),
         new_token_ids=new_token_ids,
         media_token_id=tokenizer.convert_tokens_to_ids(requested.media_token),
         end_of_chunk_token_id=tokenizer.convert_tokens_to_ids(requested.end_of_chunk_token),

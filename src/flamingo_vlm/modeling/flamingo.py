@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import FlamingoConfig
-from .backbones import load_backbones
+from .backbones import load_backbones, paths_after_loading, paths_for_saving
 from .context import NO_MEDIA, MediaContext, MediaKV, StepMedia
 from .lm import (
     CONTEXT_KWARG,
@@ -438,7 +438,7 @@ class FlamingoModel(nn.Module):
         tmp = os.path.join(directory, WEIGHTS_NAME + ".tmp")
         save_file(state, tmp, metadata={"format": "pt", "library": "flamingo_vlm"})
         os.replace(tmp, os.path.join(directory, WEIGHTS_NAME))
-        self.config.save(directory)
+        paths_for_saving(self.config, directory).save(directory)
 
     @classmethod
     def from_pretrained(
@@ -450,8 +450,9 @@ class FlamingoModel(nn.Module):
         lm_kwargs: dict[str, Any] | None = None,
         vision_kwargs: dict[str, Any] | None = None,
     ) -> FlamingoModel:
-        """Rebuild from :meth:`save_pretrained`; backbones from the paths in the config unless given."""
-        config = FlamingoConfig.load(directory)
+        """Rebuild from :meth:`save_pretrained`; backbones from the paths in the config unless given (a local
+        path saved relative to ``directory`` is read from there)."""
+        config = paths_after_loading(FlamingoConfig.load(directory), directory)
         lm_model, encoder = load_backbones(config, lm=lm, vision=vision, lm_kwargs=lm_kwargs, vision_kwargs=vision_kwargs)
         model = cls(config, lm_model, encoder)
         model.load_flamingo_state_dict(load_file(os.path.join(directory, WEIGHTS_NAME), device=str(model.device)))

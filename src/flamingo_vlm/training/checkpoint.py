@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from ..config import CONFIG_NAME
+from ..modeling.backbones import paths_for_saving
 from ..modeling.flamingo import WEIGHTS_NAME
 from .distributed import DistEnv, copy_full_into, full_tensor, shard_like
 
@@ -248,7 +249,7 @@ def save_final(model, processor, directory: str | os.PathLike, env: DistEnv) -> 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         write_bytes(tmp / WEIGHTS_NAME, safetensors_bytes(weights, metadata={"format": "pt", "library": "flamingo_vlm"}))
-        model.config.save(tmp)
+        paths_for_saving(model.config, directory).save(tmp)  # named as from the final directory
         if processor is not None:
             processor.save_pretrained(tmp)
         _fsync_dir(tmp)
