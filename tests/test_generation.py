@@ -132,3 +132,26 @@ def test_lm_config_vocab_size_is_the_logits_width(lm_type, lm_vocab):
     with torch.no_grad():
         logits = model(**processor([image(RED), "Output:"])).logits
     assert model.lm.config.get_text_config().vocab_size == logits.shape[-1]
+
+
+def test_generate_default_mask_keeps_real_eos_when_pad_is_eos():
+    """A tokenizer whose pad token is its EOS: a prompt's real EOS tokens (packed documents) stay attended."""
+    from flamingo_vlm import build_flamingo
+    from flamingo_vlm.tiny import make_tiny_clip, make_tiny_lm, make_tokenizer
+
+    tokenizer = make_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token
+    model, processor = build_flamingo(make_tiny_lm("llama", vocab_size=len(tokenizer)), make_tiny_clip(), tokenizer, resampler_depth=1)
+    assert model.config.pad_token_id == model.config.eos_token_id
+    batch = processor([image(RED), "a red circle</s>", image(BLUE), "Output:"])
+    assert (batch["input_ids"] == model.config.eos_token_id).any()
+    kw = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    default = model.generate(batch["input_ids"], pixel_values=batch["pixel_values"], **kw)
+    explicit = model.generate(**batch, **kw)
+    assert torch.equal(default.sequences, explicit.sequences)
+    torch.testing.assert_close(torch.stack(default.scores), torch.stack(explicit.scores), atol=0, rtol=0)
+
+
+def test_more_layers_between_blocks_than_the_lm_has_is_refused():
+    with pytest.raises(ValueError, match="cross_attn_every_n_layers=3 is more than the LM's 2 decoder layers"):
+        build("llama", cross_attn_every_n_layers=3)

@@ -186,3 +186,23 @@ def test_corrupt_file_fails_to_decode(tmp_path):
         ImageTransform(size=8)(str(bad))
     with pytest.raises(ImageDecodeError, match="failed to decode image file .*missing.png"):
         load_image(tmp_path / "missing.png")
+
+
+@pytest.mark.parametrize(
+    "mode,value,grey",
+    [("I;16", 30000, round(30000 / 257)), ("I;16", 65535, 255), ("I", 1000, round(1000 / 257)), ("I", 200, 200),
+     ("F", 0.5, 128), ("F", 1.0, 255), ("F", 100.0, 100)],
+)
+def test_high_depth_greyscale_is_scaled_not_clipped(mode, value, grey):
+    """16-bit PNG scans and float TIFFs: convert("RGB") alone turns them white or black."""
+    array = np.full((6, 5), value, dtype={"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode])
+    image = Image.fromarray(array, mode=mode) if mode != "I;16" else Image.frombytes("I;16", (5, 6), array.tobytes())
+    rgb = decode_image(image)
+    assert rgb.mode == "RGB" and rgb.getpixel((2, 3)) == (grey, grey, grey)
+
+
+def test_a_16_bit_png_file_decodes_to_its_grey(tmp_path):
+    array = np.full((4, 4), 20000, dtype=np.uint16)
+    Image.fromarray(array).save(tmp_path / "scan.png")
+    rgb = decode_image((tmp_path / "scan.png").read_bytes())
+    assert rgb.getpixel((0, 0)) == (round(20000 / 257),) * 3

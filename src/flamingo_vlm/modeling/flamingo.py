@@ -85,6 +85,11 @@ class FlamingoModel(nn.Module):
         _, layers = find_decoder_layers(lm, config.decoder_layers_attr)
         if any(isinstance(layer, FlamingoDecoderLayer) for layer in layers):  # check before changing anything
             raise ValueError("this LM is already a Flamingo LM (its decoder layers are wrapped): pass a fresh LM")
+        if config.cross_attn_every_n_layers > len(layers):
+            raise ValueError(
+                f"cross_attn_every_n_layers={config.cross_attn_every_n_layers} is more than the LM's {len(layers)} decoder "
+                "layers: no cross-attention block would be built and every image would be ignored"
+            )
         blocks = {
             i: GatedCrossAttentionBlock(
                 dim=lm_hidden,
@@ -402,7 +407,12 @@ class FlamingoModel(nn.Module):
             prompt_offsets=counts.cumsum(0) - counts,
         )
         if attention_mask is None:
-            attention_mask = (input_ids != self.config.pad_token_id).long()
+            # as transformers does: padding is read from the pad id only where it cannot be a real EOS
+            c = self.config
+            if c.pad_token_id is not None and c.pad_token_id != c.eos_token_id:
+                attention_mask = (input_ids != c.pad_token_id).long()
+            else:
+                attention_mask = torch.ones_like(input_ids)
         beams = generate_kwargs.get("num_beams", 1) or 1
         if beams > 1 and input_ids.shape[1] > 1 and generate_kwargs.get("use_cache", True) and "cache" not in generate_kwargs:
             # HF copies each prompt num_beams times before its first forward: run the prompt once per

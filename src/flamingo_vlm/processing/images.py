@@ -80,11 +80,26 @@ def decode_image(image: bytes | bytearray | Image.Image, *, max_pixels: int | No
             # alpha is dropped anyway, so the warning says nothing about the RGB result.
             warnings.filterwarnings("ignore", message="Palette images with Transparency", category=UserWarning)
             image.load()
-            return image if image.mode == "RGB" else image.convert("RGB")
+            return image if image.mode == "RGB" else _to_rgb(image)
     except Image.DecompressionBombError as e:
         raise ImageTooLarge(f"the image is over PIL's pixel limit ({e})") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageDecodeError(f"cannot decode the image: {e}") from e
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any decoded mode -> RGB. PIL's ``convert("RGB")`` clips 16-bit and 32-bit integer greyscale to white
+    and floats to black; they are scaled to 8 bits first: integers by their bit depth (16-bit when a value
+    is above 255), floats as [0, 1] (or clipped to [0, 255] when a value is above 1)."""
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            top = 1.0 if values.size == 0 or np.nanmax(values) <= 1.0 else 255.0
+        else:
+            top = 65535.0 if image.mode.startswith("I;16") or (values.size and values.max() > 255) else 255.0
+        grey = np.clip(np.nan_to_num(values) * (255.0 / top), 0, 255).round().astype(np.uint8)
+        image = Image.fromarray(grey, mode="L")
+    return image.convert("RGB")
 
 
 def _check_size(image: Image.Image, max_pixels: int | None) -> None:
