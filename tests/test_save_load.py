@@ -78,8 +78,10 @@ def test_loading_onto_the_wrong_backbone_names_the_mismatch(backbones, tmp_path)
     from transformers import AutoModelForCausalLM
 
     wrong = AutoModelForCausalLM.from_pretrained(other_lm, n_layer=3)  # 3 layers: one xattn block too many
-    with pytest.raises(ValueError, match="unexpected keys|missing keys"):
+    with pytest.raises(ValueError, match="model_type: saved with 'llama', now 'gpt2'"):
         FlamingoModel.from_pretrained(tmp_path, lm=wrong)
+    with pytest.raises(ValueError, match="unexpected keys|missing keys"):  # told to load it anyway: the weights do not fit
+        FlamingoModel.from_pretrained(tmp_path, lm=wrong, check_lm=False)
 
 
 def test_from_pretrained_without_a_save_is_a_clear_error(tmp_path):
@@ -128,3 +130,29 @@ def test_backbones_inside_the_model_directory_are_saved_relative_to_it(tmp_path,
     batch = _batch(processor)
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+
+
+def _save_on(tmp_path, backbones, lm_type="llama"):
+    lm_path, vision_path = backbones
+    model, processor = build_flamingo(lm_path, vision_path, **SMALL_BRIDGE)
+    model.save_pretrained(tmp_path / "model")
+    return model
+
+
+def test_loading_onto_another_lm_is_refused_with_the_difference_named(backbones, tmp_path):
+    """Another checkpoint of the same shapes, another family, another vocabulary size: each refused, naming
+    what differs; check_lm=False loads it anyway; the same LM in bf16 is the same LM."""
+    from flamingo_vlm.tiny import make_tiny_lm, make_tokenizer
+
+    _save_on(tmp_path, backbones)
+    rows = len(make_tokenizer())
+    others = {
+        "weights": make_tiny_lm("llama", vocab_size=rows, seed=5),
+        "model_type": make_tiny_lm("mistral", vocab_size=rows, seed=0),
+        "vocab_rows": make_tiny_lm("llama", vocab_size=rows + 41, seed=0),
+    }
+    for what, lm in others.items():
+        with pytest.raises(ValueError, match=f"not the one this bridge was trained on(.|\\n)*{what}"):
+            FlamingoModel.from_pretrained(tmp_path / "model", lm=lm)
+    FlamingoModel.from_pretrained(tmp_path / "model", lm=others["weights"], check_lm=False)
+    FlamingoModel.from_pretrained(tmp_path / "model", lm_kwargs={"dtype": torch.bfloat16})

@@ -70,7 +70,11 @@ def build_flamingo(
 
 
 def load_flamingo(directory: str | os.PathLike, *, lm: Any = None, vision: Any = None, tokenizer: Any = None, **kwargs: Any) -> tuple[FlamingoModel, FlamingoProcessor]:
-    """A saved Flamingo model and its processor (saved beside it, or rebuilt from the LM's tokenizer)."""
+    """A saved Flamingo model and its processor (saved beside it, or rebuilt from the LM's tokenizer).
+
+    ``kwargs`` go to :meth:`FlamingoModel.from_pretrained` (``lm_kwargs``, ``vision_kwargs``, and ``check_lm=False``
+    to load the bridge onto an LM other than the one it was saved with).
+    """
     model = FlamingoModel.from_pretrained(directory, lm=lm, vision=vision, **kwargs)
     config = model.config
     if tokenizer is None and os.path.isfile(os.path.join(directory, PROCESSOR_CONFIG_NAME)):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import FlamingoConfig
-from .backbones import load_backbones, paths_after_loading, paths_for_saving
+from .backbones import check_lm_signature, lm_signature, load_backbones, paths_after_loading, paths_for_saving, write_lm_signature
 from .context import NO_MEDIA, MediaContext, MediaKV, StepMedia
 from .lm import (
     CONTEXT_KWARG,
@@ -121,6 +121,13 @@ class FlamingoModel(nn.Module):
     @property
     def lm_hidden_size(self) -> int:
         return self.lm.config.get_text_config().hidden_size
+
+    def lm_signature(self) -> dict[str, Any]:
+        """What identifies the LM (see :func:`~flamingo_vlm.modeling.backbones.lm_signature`), saved beside the
+        bridge so that loading it onto another LM is refused."""
+        _, layers = find_decoder_layers(self.lm, self.decoder_layers_attr)
+        with torch.no_grad():
+            return lm_signature(self.lm, [layer.decoder_layer for layer in layers])
 
     @property
     def xattn_blocks(self) -> list[GatedCrossAttentionBlock]:
@@ -449,6 +456,7 @@ class FlamingoModel(nn.Module):
         save_file(state, tmp, metadata={"format": "pt", "library": "flamingo_vlm"})
         os.replace(tmp, os.path.join(directory, WEIGHTS_NAME))
         paths_for_saving(self.config, directory).save(directory)
+        write_lm_signature(self.lm_signature(), directory)
 
     @classmethod
     def from_pretrained(
@@ -459,11 +467,18 @@ class FlamingoModel(nn.Module):
         vision: Any = None,
         lm_kwargs: dict[str, Any] | None = None,
         vision_kwargs: dict[str, Any] | None = None,
+        check_lm: bool = True,
     ) -> FlamingoModel:
         """Rebuild from :meth:`save_pretrained`; backbones from the paths in the config unless given (a local
-        path saved relative to ``directory`` is read from there)."""
+        path saved relative to ``directory`` is read from there).
+
+        check_lm: refuse an LM that differs from the one the bridge was saved with (type, vocabulary rows,
+        width, depth, weights); False for one you mean to use, e.g. a fine-tuned LM of the same shapes.
+        """
         config = paths_after_loading(FlamingoConfig.load(directory), directory)
         lm_model, encoder = load_backbones(config, lm=lm, vision=vision, lm_kwargs=lm_kwargs, vision_kwargs=vision_kwargs)
+        if check_lm:
+            check_lm_signature(lm_model, find_decoder_layers(lm_model, config.decoder_layers_attr)[1], directory)
         model = cls(config, lm_model, encoder)
         model.load_flamingo_state_dict(load_file(os.path.join(directory, WEIGHTS_NAME), device=str(model.device)))
         model._set_trainable()

@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from ..config import CONFIG_NAME
-from ..modeling.backbones import paths_for_saving
+from ..modeling.backbones import paths_for_saving, write_lm_signature
 from ..modeling.flamingo import WEIGHTS_NAME
 from .distributed import DistEnv, copy_full_into, full_tensor, shard_like
 
@@ -243,6 +243,7 @@ def load_checkpoint(path: str | os.PathLike, *, model, optimizer, scheduler, env
 def save_final(model, processor, directory: str | os.PathLike, env: DistEnv) -> Path:
     """The trained model in the ``save_pretrained`` layout (+ the processor), written atomically."""
     weights = gather_weights(model, keep=env.is_main)
+    signature = model.lm_signature()  # a collective under FSDP: every rank computes it
     directory = Path(directory)
     if env.is_main:
         tmp = directory.with_name(f".tmp-{directory.name}")
@@ -250,6 +251,7 @@ def save_final(model, processor, directory: str | os.PathLike, env: DistEnv) -> 
         tmp.mkdir(parents=True)
         write_bytes(tmp / WEIGHTS_NAME, safetensors_bytes(weights, metadata={"format": "pt", "library": "flamingo_vlm"}))
         paths_for_saving(model.config, directory).save(tmp)  # named as from the final directory
+        write_lm_signature(signature, tmp)
         if processor is not None:
             processor.save_pretrained(tmp)
         _fsync_dir(tmp)
