@@ -212,6 +212,45 @@ def wrap_lm(
     return path
 
 
+class _ProbeReachedLayer(Exception):
+    def __init__(self, received: bool) -> None:
+        self.received = received
+
+
+def check_context_route(lm: nn.Module, layers: nn.ModuleList) -> None:
+    """Check that the LM's forward hands ``flamingo_context`` to its decoder layers; a clear error if not.
+
+    The route relies on transformers passing a causal LM's extra keyword arguments down to every decoder
+    layer. A family whose forward drops them (transformers 5's MPT calls its blocks with fixed arguments)
+    would never call the cross-attention blocks: the images would silently change nothing. The probe runs
+    the LM on one token and stops at the first decoder layer, so it costs an embedding lookup.
+    """
+    param = next(lm.parameters(), None)
+    if param is None or param.device.type == "meta":
+        return  # nothing to run yet (weights materialised later): the route is the same once they are
+
+    def stop(module, args, kwargs):
+        raise _ProbeReachedLayer(kwargs.get(CONTEXT_KWARG) is NO_MEDIA)
+
+    handle = layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+    name = type(lm).__name__
+    try:
+        with torch.no_grad():
+            lm(input_ids=torch.zeros(1, 1, dtype=torch.long, device=param.device), **{CONTEXT_KWARG: NO_MEDIA})
+    except _ProbeReachedLayer as reached:
+        if reached.received:
+            return
+        raise ValueError(
+            f"{name}'s forward does not pass keyword arguments on to its decoder layers, so the media context would "
+            "never reach the cross-attention blocks (images would change nothing); this LM family is not supported"
+        ) from None
+    except TypeError as e:
+        raise ValueError(f"{name}'s forward does not accept the media context as a keyword argument ({e}); this LM family is not supported") from e
+    finally:
+        handle.remove()
+    raise ValueError(f"{name}'s forward never called its decoder layers ({type(layers[0]).__name__}): pass decoder_layers_attr")
+
+
 def add_new_token_rows(lm: nn.Module, num_new: int, first_new_id: int, truncate: bool = False) -> None:
     """Give the LM trainable embedding (and output) rows for ``num_new`` new tokens from ``first_new_id``.
 
