@@ -191,3 +191,25 @@ def test_python_ptb_fallback_equals_java_on_punctuation_and_emoji(tmp_path):
     from flamingo_vlm.evaluation.metrics import ptb_tokenize_python
 
     assert [ptb_tokenize_python(s) for s in PUNCT_EMOJI] == [_java_alone(s, tmp_path) for s in PUNCT_EMOJI]
+
+
+# ---- test(-dev) splits: read without answers, written as EvalAI result files -----------------------
+def test_vqa_test_dev_reads_without_answers_and_writes_evalai_files(tmp_path):
+    import json
+
+    from flamingo_vlm.evaluation.tasks.vqa import VizWiz, VQATask, write_evalai_results
+
+    (tmp_path / "img").mkdir()
+    questions = {"data_subtype": "test2015", "questions": [{"question_id": 7, "image_id": 42, "question": "what?"}]}
+    (tmp_path / "q.json").write_text(json.dumps(questions))
+    task = VQATask("vqav2", tmp_path / "q.json", None, tmp_path / "img")
+    [ex] = task.queries()
+    assert ex.fields["answers"] is None and ex.media[0].name == "COCO_test2015_000000000042.jpg"
+    assert task.score(["red"], [ex])["vqa_accuracy"] != task.score(["red"], [ex])["vqa_accuracy"]  # NaN
+    out = write_evalai_results(tmp_path / "res.json", ["red"], [ex])
+    assert json.loads(out.read_text()) == [{"question_id": 7, "answer": "red"}]
+
+    (tmp_path / "vw.json").write_text(json.dumps([{"image": "VizWiz_test_00000000.jpg", "question": "what?"}]))
+    [vx] = VizWiz("vizwiz", tmp_path / "vw.json", None, tmp_path / "img").queries()
+    write_evalai_results(tmp_path / "vw_res.json", ["blue"], [vx])
+    assert json.loads((tmp_path / "vw_res.json").read_text()) == [{"image": "VizWiz_test_00000000.jpg", "answer": "blue"}]
