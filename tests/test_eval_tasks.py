@@ -79,7 +79,10 @@ def test_vizwiz_native_json(specs):
     assert len(q) == 3 and len(s) == 5 and _media_exist(q + s)
     assert q[0].id == "VizWiz_val_00000000.jpg" and q[0].fields["answer"] == "unanswerable"
     assert Path(s[0].media[0]).parent.name == "train"
-    assert task.score(["unanswerable", "blue", "red"], q)["vqa_accuracy"] == pytest.approx(200 / 3)
+    # the official leave-one-out over VizWiz's records (no answer_id): holding out one of ten identical
+    # {"answer": "blue", "answer_confidence": "yes"} records removes all ten, so even a unanimous answer scores 0
+    scores = task.score(["unanswerable", "blue", "red"], q)
+    assert scores["vqa_accuracy"] == 0.0 and scores["vqa_accuracy/other"] == 0.0
 
 
 def test_textvqa_native_json(specs):
@@ -190,3 +193,36 @@ def test_registry_and_custom_task(tmp_path):
         build_task({"type": "toy_counting", "bogus": 1})
     with pytest.raises(FileNotFoundError):
         build_task({"type": "coco_captioning", "karpathy_json": str(tmp_path / "missing.json"), "image_dir": str(tmp_path)})
+
+
+def test_imagenet_builtin_class_names():
+    from flamingo_vlm.evaluation.tasks.classification import imagenet_class_names
+
+    names = imagenet_class_names()
+    assert len(names) == 1000 and names[0] == "tench" and names[1] == "goldfish" and names[-1] == "toilet paper"
+    assert names[207] == "Golden Retriever" and names[281] == "tabby cat"  # sorted-wnid indices (n02099601, n02123045)
+
+
+def test_ilsvrc2012_devkit_ground_truth(tmp_path):
+    """A devkit whose ILSVRC2012_IDs are not in sorted-wnid order: labels must follow the sorted wnids."""
+    scipy_io = pytest.importorskip("scipy.io")
+    import numpy as np
+
+    from flamingo_vlm.evaluation.tasks.classification import read_ilsvrc2012_val
+
+    # ILSVRC2012_ID 1..1000 -> wnids in a shuffled order (as the real devkit: ID 1 is n02119789, not n01440764),
+    # plus a non-leaf ancestor synset that must be ignored
+    wnids = [f"n{10000000 + 7 * i:08d}" for i in range(1000)]
+    shuffled = [wnids[(i * 389) % 1000] for i in range(1000)]  # 389 is coprime with 1000: a permutation
+    dtype = [("ILSVRC2012_ID", "O"), ("WNID", "O"), ("num_children", "O")]
+    rows = [(i + 1, w, 0) for i, w in enumerate(shuffled)] + [(1001, "n00001740", 2)]
+    synsets = np.array(rows, dtype=dtype)
+    (tmp_path / "data").mkdir()
+    scipy_io.savemat(str(tmp_path / "data" / "meta.mat"), {"synsets": synsets})
+    (tmp_path / "data" / "ILSVRC2012_validation_ground_truth.txt").write_text("1\n2\n1000\n")
+    examples = read_ilsvrc2012_val(tmp_path, tmp_path / "val")
+    assert [ex.id for ex in examples] == ["ILSVRC2012_val_00000001.JPEG", "ILSVRC2012_val_00000002.JPEG", "ILSVRC2012_val_00000003.JPEG"]
+    # by hand: ID 1 -> shuffled[0] = wnids[0] -> index 0; ID 2 -> wnids[389] -> 389; ID 1000 -> wnids[999*389 % 1000] = wnids[611]
+    assert [ex.fields["label"] for ex in examples] == [0, 389, 611]
+    task = build_task({"type": "imagenet", "devkit_dir": str(tmp_path), "image_root": str(tmp_path / "val")})
+    assert task.class_names[0] == "tench" and task.answer(task.queries()[1]) == task.class_names[389]

@@ -4,6 +4,9 @@
   tokenizer through Java when Java is present (what pycocoevalcap does), else :func:`ptb_tokenize_python`.
 - VQA accuracy: the official VQA evaluation (vqaEval.py): answer normalisation, then the mean over the 10
   leave-one-out subsets of min(1, #matches / 3).
+- VizWiz: the same, with its answer records (no ``answer_id``) compared whole, as the official code does.
+- TextVQA accuracy: its own evaluator (EvalAI's answer processor, always applied); OK-VQA: the prediction
+  stemmed first (:mod:`flamingo_vlm.evaluation.stemming`).
 - ROC-AUC (HatefulMemes), top-1 / exact match.
 
 Functions return fractions (CIDEr: its raw value); tasks report them x100, as papers do.
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import re
 import shutil
@@ -84,23 +88,76 @@ def vqa_normalize(answer: str) -> str:
     return _process_digit_article(_process_punctuation(answer))
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str], *, normalize_always: bool = False) -> float:
+def _strip_ws(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def _answer_record(answer: "str | dict", index: int) -> dict:
+    # a plain string is one distinct annotation (as VQAv2's answer_id makes each one); a dict is compared
+    # whole, as the official code compares its annotation dicts
+    return {"answer": answer, "_index": index} if isinstance(answer, str) else dict(answer)
+
+
+def vqa_accuracy(prediction: str, answers: Sequence["str | dict"], *, normalize_always: bool = False) -> float:
     """Official VQA accuracy of one prediction against its (usually 10) human answers, in [0, 1].
 
-    Mean over leaving each human answer out of min(1, #other answers equal to the prediction / 3).
-    As in the official code, answers and prediction are normalised only when the humans disagree
-    (``normalize_always=True`` normalises always, e.g. for data sets with a single repeated answer).
+    For each human answer g: min(1, #answers equal to the prediction among those left when g is held out / 3),
+    averaged over g. As in the official code (vqaEval.py), "held out" removes every annotation *equal* to g:
+    answers given as dicts (the annotation records) are compared whole, so VQAv2's records (each with its
+    ``answer_id``) leave out exactly one, while VizWiz's (``{"answer", "answer_confidence"}``, no id) leave
+    out all identical ones. Plain strings count as distinct annotations.
+    Answers and prediction are normalised only when the humans disagree, as in the official code
+    (``normalize_always=True`` normalises always).
     """
-    answers = [a.replace("\n", " ").replace("\t", " ").strip() for a in answers]
     if not answers:
         raise ValueError("vqa_accuracy needs at least one human answer")
-    pred = prediction.replace("\n", " ").replace("\t", " ").strip()
-    if len(set(answers)) > 1 or normalize_always:
-        answers = [_process_digit_article(_process_punctuation(a)) for a in answers]
+    records = [_answer_record(a, i) for i, a in enumerate(answers)]
+    for r in records:
+        r["answer"] = _strip_ws(r["answer"])
+    pred = _strip_ws(prediction)
+    if len({r["answer"] for r in records}) > 1 or normalize_always:
+        for r in records:
+            r["answer"] = _process_digit_article(_process_punctuation(r["answer"]))
         pred = _process_digit_article(_process_punctuation(pred))
-    matches = sum(a == pred for a in answers)
-    # leaving out answer i: the others hold `matches - (answers[i] == pred)` matching answers
-    return sum(min(1.0, (matches - (a == pred)) / 3.0) for a in answers) / len(answers)
+    total = 0.0
+    for held_out in records:
+        matching = sum(r["answer"] == pred for r in records if r != held_out)
+        total += min(1.0, matching / 3.0)
+    return total / len(records)
+
+
+def vqa_accuracy_by_type(accuracies: Sequence[float], answer_types: Sequence["str | None"]) -> dict[str, float]:
+    """Mean accuracy per answer type ("yes/no", "number", "other"; VizWiz adds "unanswerable"), as the
+    official evaluator's ``perAnswerType``. Examples without a type are left out."""
+    if len(accuracies) != len(answer_types):
+        raise ValueError(f"{len(accuracies)} accuracies for {len(answer_types)} answer types")
+    groups: dict[str, list[float]] = {}
+    for acc, t in zip(accuracies, answer_types):
+        if t is not None:
+            groups.setdefault(str(t), []).append(acc)
+    return {t: sum(v) / len(v) for t, v in sorted(groups.items())}
+
+
+# ---- TextVQA (the EvalAI answer processor of pythia/mmf's TextVQAAccuracyEvaluator) ------------------
+def textvqa_normalize(answer: str) -> str:
+    """TextVQA's answer processing: lower-case, *every* comma and "?" removed, "'s" split off, then VQA's
+    punctuation / number / article / contraction rules. "1,000" -> "1000"; "a,b" -> "ab"; "STOP." -> "stop".
+    """
+    text = _strip_ws(answer.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip())
+    # EvalAI's comma regex differs from vqaEval's ((?<=\d)(\,)+(?=\d)), but with every comma already
+    # removed neither can match, so vqaEval's punctuation step gives the same result
+    return _process_digit_article(_process_punctuation(text))
+
+
+def textvqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """TextVQA accuracy (its own evaluator): prediction and answers are *always* normalised
+    (:func:`textvqa_normalize`); leave-one-out over the answers' positions (exactly one left out)."""
+    if not answers:
+        raise ValueError("textvqa_accuracy needs at least one human answer")
+    gts = [textvqa_normalize(a) for a in answers]
+    pred = textvqa_normalize(prediction)
+    matches = sum(g == pred for g in gts)
+    return sum(min(1.0, (matches - (g == pred)) / 3.0) for g in gts) / len(gts)
 
 
 # ---- accuracy / ROC-AUC ----------------------------------------------------------------------------
@@ -132,6 +189,9 @@ def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float:
     """
     if len(labels) != len(scores):
         raise ValueError(f"{len(labels)} labels for {len(scores)} scores")
+    bad = [i for i, x in enumerate(scores) if math.isnan(x)]
+    if bad:  # NaN breaks the sort (it compares false with everything) and so every rank after it
+        raise ValueError(f"ROC-AUC of NaN scores (at {bad[:5]}{'...' if len(bad) > 5 else ''})")
     pos = sum(1 for y in labels if y)
     neg = len(labels) - pos
     if pos == 0 or neg == 0:
@@ -159,6 +219,8 @@ _PTB_ABBREVIATIONS = {
     "mr.", "mrs.", "ms.", "dr.", "st.", "jr.", "sr.", "vs.", "etc.", "inc.", "co.", "ltd.", "prof.", "mt.", "ft.", "no.",
     "jan.", "feb.", "mar.", "apr.", "jun.", "jul.", "aug.", "sep.", "sept.", "oct.", "nov.", "dec.", "corp.", "gen.",
 }
+_PTB_QUOTES = str.maketrans({"\u201c": '"', "\u201d": '"', "\u2018": "'", "\u2019": "'"})  # curly -> ASCII, as Java
+_NON_BMP = re.compile("[\U00010000-\U0010ffff]")
 _PTB_SPLIT_WORDS = {"cannot": ["can", "not"], "gonna": ["gon", "na"], "gotta": ["got", "ta"], "wanna": ["wan", "na"]}
 _CLITICS = ("n't", "'s", "'m", "'d", "'ll", "'re", "'ve")
 
@@ -201,9 +263,11 @@ def ptb_tokenize_python(sentence: str) -> str:
     "5,000" stay whole; then drops pycocoevalcap's punctuation tokens. It equals Java's output on ordinary
     captions (tested); on unusual text (URLs, emoticons, rare abbreviations) the two may differ slightly.
     """
-    text = sentence.replace("\n", " ").lower()
+    text = _JAVA_LINE_BREAKS.sub(" ", sentence).lower().translate(_PTB_QUOTES)
+    text = _NON_BMP.sub(" ", text)  # emoji and other astral characters: CoreNLP 3.4.1's lexer drops them
     for bracket, name in _PTB_BRACKETS.items():
         text = text.replace(bracket, f" {name} ")
+    text = re.sub(r"([+=\\])", r" \1 ", text)  # Java splits these off even inside a word ("a+b" -> a + b)
     text = re.sub(r"\$(?=\d)", "$ ", text)
     tokens = [t for word in text.split() for t in _ptb_word(word)]
     return " ".join(t for t in tokens if t not in PTB_PUNCTUATIONS)
@@ -222,12 +286,23 @@ def java_available() -> bool:
     return shutil.which("java") is not None and _corenlp_jar() is not None
 
 
+# Characters that CoreNLP's PTBTokenizer -preserveLines ends a line at (besides "\n"): one of them inside a
+# caption would split it into two output lines and shift every later caption. Inside a line they are only
+# whitespace, so they become spaces. ("\x85" is not among them: Java reads it as an ellipsis.)
+_JAVA_LINE_BREAKS = re.compile("[\n\r\x0b\x0c\u2028\u2029]")
+
+
 def ptb_tokenize_java(sentences: Sequence[str]) -> list[str]:
-    """pycocoevalcap's PTBTokenizer (Stanford CoreNLP through Java), without writing into site-packages."""
+    """pycocoevalcap's PTBTokenizer (Stanford CoreNLP through Java), without writing into site-packages.
+
+    One JVM call for all sentences, one line each; the result of each sentence is what it gets tokenised
+    alone (line breaks inside a caption become spaces), and a line-count mismatch raises instead of
+    shifting captions.
+    """
     jar = _corenlp_jar()
     if jar is None or shutil.which("java") is None:
         raise RuntimeError("the Java PTB tokenizer needs `java` on PATH and pycocoevalcap's CoreNLP jar")
-    lines = [s.replace("\n", " ").replace("\r", " ") for s in sentences]
+    lines = [_JAVA_LINE_BREAKS.sub(" ", s) for s in sentences]
     fd, path = tempfile.mkstemp(suffix=".txt", prefix="ptb-")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -237,8 +312,13 @@ def ptb_tokenize_java(sentences: Sequence[str]) -> list[str]:
     finally:
         os.remove(path)
     tokenized = out.split("\n")
-    tokenized += [""] * (len(lines) - len(tokenized))  # trailing empty lines may not come back
-    return [" ".join(w for w in line.rstrip().split(" ") if w not in PTB_PUNCTUATIONS) for line in tokenized[: len(lines)]]
+    while len(tokenized) > len(lines) and not tokenized[-1].strip():
+        tokenized.pop()  # a final newline
+    if len(tokenized) > len(lines):
+        raise RuntimeError(f"the Java PTB tokenizer returned {len(tokenized)} lines for {len(lines)} captions")
+    # captions at the end that tokenise to nothing may not come back as lines; nothing can shift before them
+    tokenized += [""] * (len(lines) - len(tokenized))
+    return [" ".join(w for w in line.rstrip().split(" ") if w and w not in PTB_PUNCTUATIONS) for line in tokenized]
 
 
 def ptb_tokenize(sentences: Sequence[str], backend: str = "auto") -> list[str]:
@@ -293,5 +373,6 @@ def bleu4(predictions: Sequence[str], references: Sequence[Sequence[str]], *, to
 
 __all__ = [
     "bleu4", "cider", "exact_match_accuracy", "java_available", "ptb_tokenize", "ptb_tokenize_java",
-    "ptb_tokenize_python", "roc_auc", "top_k_accuracy", "vqa_accuracy", "vqa_normalize",
+    "ptb_tokenize_python", "roc_auc", "textvqa_accuracy", "textvqa_normalize", "top_k_accuracy", "vqa_accuracy",
+    "vqa_accuracy_by_type", "vqa_normalize",
 ]

@@ -26,6 +26,8 @@ def positive_probability(prediction, positive: str = "yes") -> float:
     if not scores:
         return float(str(prediction) == positive)
     top = max(scores.values())
+    if not math.isfinite(top):  # every candidate -inf (or a NaN score): no preference, not a NaN probability
+        return 0.5
     weights = {c: math.exp(s - top) for c, s in scores.items()}
     return weights.get(positive, 0.0) / sum(weights.values())
 

@@ -13,13 +13,20 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from ..metrics import vqa_accuracy
+from ..metrics import textvqa_accuracy, vqa_accuracy, vqa_accuracy_by_type
+from ..stemming import okvqa_stem
 from ..task import Example, Task, register_task
 from .files import memo, read_json, records, require_dir, require_file
 
 
 def _answer_texts(answers: list) -> list[str]:
     return [a["answer"] if isinstance(a, dict) else str(a) for a in answers]
+
+
+def _answer_records(answers: list) -> list:
+    """The annotation records as the official evaluator compares them: dicts whole (VQAv2's carry an
+    answer_id, VizWiz's do not), plain strings as distinct annotations."""
+    return [dict(a) if isinstance(a, dict) else str(a) for a in answers]
 
 
 def _shot_answer(answers: list[str], given: str | None = None) -> str:
@@ -37,6 +44,10 @@ def read_vqa(
 ) -> list[Example]:
     """VQA-format questions + annotations (or VizWiz / TextVQA native json) -> Examples.
 
+    A test(-dev) split (questions without answers: no annotations_json, or native rows without
+    "answers") gives examples with ``answers=None``: they can be predicted and written as an EvalAI
+    result file (:func:`evalai_results`), not scored. ``answer_records`` keeps the annotation dicts for
+    the official leave-one-out (VizWiz's have no answer_id).
     image_name_format is formatted with the question's fields and the file's ``data_subtype``
     (e.g. "val2014"): the default gives COCO's "COCO_val2014_000000000042.jpg".
     """
@@ -53,20 +64,28 @@ def read_vqa(
             answers = _answer_texts(ann["answers"])
             file = image_dir / image_name_format.format(**{"data_subtype": subtype, **q})
             fields = {
-                "question": q["question"], "answers": answers, "image_id": q["image_id"],
-                "answer": _shot_answer(answers, ann.get("multiple_choice_answer")), "answer_type": ann.get("answer_type"),
+                "question": q["question"], "answers": answers, "answer_records": _answer_records(ann["answers"]),
+                "image_id": q["image_id"], "answer": _shot_answer(answers, ann.get("multiple_choice_answer")),
+                "answer_type": ann.get("answer_type"),
             }
             out.append(Example(id=q["question_id"], media=[file], fields=fields))
         return out
-    for i, row in enumerate(records(data, "data", "questions")):  # VizWiz / TextVQA native
-        if "answers" not in row:
-            raise ValueError(f"{questions_json}: row {i} has no answers (a test split?) and no annotations_json was given")
-        answers = _answer_texts(row["answers"])
+    subtype = data.get("data_subtype", "test2015") if isinstance(data, dict) else "test2015"
+    for row in records(data, "data", "questions"):  # VizWiz / TextVQA native, or VQA-format questions alone
+        raw = row.get("answers")
+        answers = _answer_texts(raw) if raw is not None else None
         if "image" in row:  # VizWiz
             file, ex_id = image_dir / row["image"], row.get("question_id", row["image"])
-        else:  # TextVQA
-            file, ex_id = image_dir / image_name_format.format(**row), row["question_id"]
-        fields = {"question": row["question"], "answers": answers, "answer": _shot_answer(answers), "answer_type": row.get("answer_type")}
+        else:  # TextVQA, VQAv2 test(-dev) questions
+            file, ex_id = image_dir / image_name_format.format(**{"data_subtype": subtype, **row}), row["question_id"]
+        fields = {
+            "question": row["question"], "answers": answers, "answer_records": _answer_records(raw) if raw is not None else None,
+            "answer": _shot_answer(answers) if answers else "", "answer_type": row.get("answer_type"),
+        }
+        if "image" in row:
+            fields["image"] = row["image"]
+        if "image_id" in row:
+            fields["image_id"] = row["image_id"]
         out.append(Example(id=ex_id, media=[file], fields=fields))
     return out
 
@@ -139,21 +158,71 @@ class VQATask(Task):
     def postprocess(self, text: str) -> str:
         return postprocess_vqa(super().postprocess(text))
 
+    def accuracy(self, prediction: str, ex: Example) -> float:
+        """One prediction's accuracy in [0, 1]: the official VQA accuracy over the annotation records."""
+        answers = ex.fields.get("answer_records") or ex.fields["answers"]
+        return vqa_accuracy(prediction, answers, normalize_always=self.normalize_always)
+
     def score(self, predictions: list, examples: list[Example]) -> dict[str, float]:
-        accs = [vqa_accuracy(p, ex.fields["answers"], normalize_always=self.normalize_always) for p, ex in zip(predictions, examples)]
-        return {"vqa_accuracy": 100.0 * sum(accs) / max(len(accs), 1)}
+        """vqa_accuracy (x100) and, where the annotations give answer types, ``vqa_accuracy/<type>``.
+
+        A test(-dev) split (no answers) scores NaN: write :func:`evalai_results` and submit it instead.
+        """
+        if any(ex.fields.get("answers") is None for ex in examples):
+            return {"vqa_accuracy": float("nan")}
+        accs = [self.accuracy(p, ex) for p, ex in zip(predictions, examples)]
+        out = {"vqa_accuracy": 100.0 * sum(accs) / max(len(accs), 1)}
+        by_type = vqa_accuracy_by_type(accs, [ex.fields.get("answer_type") for ex in examples])
+        out.update({f"vqa_accuracy/{t}": 100.0 * v for t, v in by_type.items()})
+        return out
+
+
+def evalai_results(predictions: list, examples: list[Example]) -> list[dict]:
+    """The EvalAI submission of a VQA test(-dev) split: ``[{"question_id", "answer"}]`` (VQAv2, TextVQA),
+    or ``[{"image", "answer"}]`` for VizWiz (whose test questions are named by their image file)."""
+    if len(predictions) != len(examples):
+        raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
+    out = []
+    for p, ex in zip(predictions, examples):
+        key = {"image": ex.fields["image"]} if "image" in ex.fields else {"question_id": ex.id}
+        out.append({**key, "answer": str(p)})
+    return out
+
+
+def write_evalai_results(path: str | Path, predictions: list, examples: list[Example]) -> Path:
+    """Write :func:`evalai_results` as json (the file EvalAI's VQAv2 / VizWiz / TextVQA challenges take)."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(evalai_results(predictions, examples)), encoding="utf-8")
+    return path
 
 
 @register_task("ok_vqa")
 class OKVQA(VQATask):
-    """OK-VQA (VQA format, COCO val2014/train2014 images)."""
+    """OK-VQA (VQA format, COCO val2014/train2014 images). The prediction is stemmed as OK-VQA v1.1 stemmed
+    its ``answers`` (:func:`flamingo_vlm.evaluation.stemming.okvqa_stem`) before the VQA accuracy."""
 
     name = "ok_vqa"
+    stem = True
+
+    def __init__(self, *args, stem: bool | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if stem is not None:
+            self.stem = stem
+
+    def accuracy(self, prediction: str, ex: Example) -> float:
+        return super().accuracy(okvqa_stem(prediction) if self.stem else prediction, ex)
 
 
 @register_task("vizwiz")
 class VizWiz(VQATask):
-    """VizWiz: VQA format with file names as image ids (OpenFlamingo's conversion), or VizWiz's own json."""
+    """VizWiz: VQA format with file names as image ids (OpenFlamingo's conversion), or VizWiz's own json.
+
+    Scored with the official leave-one-out over VizWiz's answer records (no answer_id: all records equal to
+    the held-out one leave together); answer types include "unanswerable".
+    """
 
     name = "vizwiz"
     image_name_format = "{image_id}"
@@ -161,7 +230,14 @@ class VizWiz(VQATask):
 
 @register_task("textvqa")
 class TextVQA(VQATask):
-    """TextVQA: VQA format or TextVQA's own json; images ``{image_id}.jpg``."""
+    """TextVQA: VQA format or TextVQA's own json; images ``{image_id}.jpg``.
+
+    Scored with TextVQA's own evaluator (:func:`~flamingo_vlm.evaluation.metrics.textvqa_accuracy`:
+    answers always normalised, commas dropped), not vqaEval.py.
+    """
 
     name = "textvqa"
     image_name_format = "{image_id}.jpg"
+
+    def accuracy(self, prediction: str, ex: Example) -> float:
+        return textvqa_accuracy(prediction, ex.fields["answers"])
