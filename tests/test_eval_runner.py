@@ -79,7 +79,7 @@ def test_resume_skips_finished_runs(specs, model_and_processor, tmp_path, monkey
     first = evaluate(model, processor, tasks, shots=[0, 2], seeds=[0, 1], results_path=path, progress=False)
     calls = []
     original = runner_module._Runner.run
-    monkeypatch.setattr(runner_module._Runner, "run", lambda self, task, q, s, n, seed, sel: calls.append((n, seed)) or original(self, task, q, s, n, seed, sel))
+    monkeypatch.setattr(runner_module._Runner, "run", lambda self, task, q, s, n, seed, sel, **kw: calls.append((n, seed)) or original(self, task, q, s, n, seed, sel, **kw))
     again = evaluate(model, processor, tasks, shots=[0, 2], seeds=[0, 1], results_path=path, progress=False)
     assert calls == [] and again["runs"] == json.loads(json.dumps(first["runs"]))
     evaluate(model, processor, tasks, shots=[0, 2, 3], seeds=[0, 1], results_path=path, progress=False)
@@ -88,6 +88,8 @@ def test_resume_skips_finished_runs(specs, model_and_processor, tmp_path, monkey
     assert calls[-1] == (2, 0)  # a different --limit is a different run
     evaluate(model, processor, tasks, shots=[2], seeds=[0], limit=1, results_path=path, resume=False, progress=False)
     assert len(calls) == 4
+    evaluate(model, processor, tasks, shots=[2], seeds=[0], limit=1, results_path=path, protocol="openflamingo", progress=False)
+    assert len(calls) == 5  # another protocol is another run
     with pytest.raises(ValueError, match="holds results of model"):
         evaluate(model, processor, tasks, shots=[2], results_path=path, model_name="another", progress=False)
 

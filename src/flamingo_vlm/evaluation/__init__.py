@@ -11,6 +11,7 @@ See docs/evaluation.md for the tasks, file formats, prompts, metrics and the ``f
 from ..inference import MediaEncoder, candidate_log_likelihoods, continuation_token_ids, encode_prompts, generate_texts, load_video, rank_scores
 from .metrics import bleu4, cider, exact_match_accuracy, ptb_tokenize, roc_auc, top_k_accuracy, vqa_accuracy, vqa_normalize
 from .prompts import build_prompt
+from .protocol import PROTOCOLS, Protocol, get_protocol
 from .runner import evaluate, format_results_table, summarize
 from .shots import RICES, sample_random_shots, shot_permutations
 from .task import TASK_TYPES, Example, Prediction, Task, build_task, register_task
@@ -29,10 +30,10 @@ from .tasks import (
 )
 
 __all__ = [
-    "OKVQA", "RICES", "TASK_TYPES", "Captioning", "Classification", "CocoCaptioning", "Example", "Flickr30KCaptioning",
+    "OKVQA", "PROTOCOLS", "Protocol", "RICES", "TASK_TYPES", "Captioning", "Classification", "CocoCaptioning", "Example", "Flickr30KCaptioning",
     "HatefulMemes", "MediaEncoder", "Prediction", "Task", "TextVQA", "VQATask", "VideoCaptioning", "VideoQA", "VizWiz",
     "bleu4", "build_prompt", "build_task", "candidate_log_likelihoods", "cider", "continuation_token_ids",
-    "encode_prompts", "evaluate", "exact_match_accuracy", "format_results_table", "generate_texts", "load_video",
+    "encode_prompts", "evaluate", "exact_match_accuracy", "format_results_table", "generate_texts", "get_protocol", "load_video",
     "ptb_tokenize", "rank_scores", "register_task", "roc_auc", "sample_random_shots", "shot_permutations", "summarize",
     "top_k_accuracy", "vqa_accuracy", "vqa_normalize",
 ]

@@ -5,6 +5,7 @@
     shots: [0, 4, 8]
     seeds: [0, 1, 2]
     selection: random               # or rices
+    protocol: paper                 # or openflamingo (docs/evaluation.md, "Protocols")
     out: results/eval.json
     tasks:
       - type: coco_captioning
@@ -39,6 +40,7 @@ class EvalConfig:
     shots: list[int] = field(default_factory=lambda: [0, 4, 8])
     seeds: list[int] = field(default_factory=lambda: [0])
     selection: Literal["random", "rices"] = "random"
+    protocol: Literal["paper", "openflamingo"] = "paper"  # see flamingo_vlm.evaluation.protocol
     batch_size: int = 8
     max_rows: int = 64
     limit: int | None = None
@@ -62,10 +64,13 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval", help="few-shot evaluation on standard benchmarks from a YAML config")
     p.add_argument("config", help="YAML file: model, tasks, shots, seeds, ... (see docs/evaluation.md)")
     p.add_argument("--model", default=None, help="saved Flamingo directory (overrides the config's `model`)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N queries of each task")
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate only N queries of each task (the first N; a seeded random N per seed under --protocol openflamingo)")
     p.add_argument("--shots", type=_int_list, default=None, help="e.g. 0,4,8")
     p.add_argument("--seeds", type=_int_list, default=None, help="e.g. 0,1,2 (random shot selection)")
     p.add_argument("--selection", choices=["random", "rices"], default=None)
+    p.add_argument("--protocol", choices=["paper", "openflamingo"], default=None,
+                   help="prompts, decoding, scoring and sampling choices: the paper's (default) or OpenFlamingo's eval code's")
     p.add_argument("--tasks", default=None, help="comma-separated task names: run only these")
     p.add_argument("--out", default=None, help="results JSON (a .txt table is written beside it)")
     p.add_argument("--batch-size", type=int, default=None)
@@ -132,7 +137,7 @@ def run_eval_cli(args: argparse.Namespace) -> int:
 
     overrides = {
         "model": args.model, "limit": args.limit, "shots": args.shots, "seeds": args.seeds, "selection": args.selection,
-        "out": args.out, "batch_size": args.batch_size, "ensemble": args.ensemble, "device": args.device,
+        "protocol": getattr(args, "protocol", None), "out": args.out, "batch_size": args.batch_size, "ensemble": args.ensemble, "device": args.device,
         "resume": args.resume, "progress": args.progress,
     }
     config = load_eval_config(args.config, overrides, getattr(args, "set_overrides", None) or ())
@@ -154,7 +159,7 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         model, processor, tasks, shots=config.shots, seeds=config.seeds, selection=config.selection,
         batch_size=config.batch_size, limit=config.limit, results_path=config.out, resume=config.resume,
         progress=config.progress, ensemble=config.ensemble, max_rows=config.max_rows,
-        rices_cache_dir=config.rices_cache_dir, model_name=str(config.model),
+        rices_cache_dir=config.rices_cache_dir, model_name=str(config.model), protocol=config.protocol,
         config={k: v for k, v in dataclasses.asdict(config).items() if k not in ("resume", "progress")},
     )
     table = format_results_table(results)

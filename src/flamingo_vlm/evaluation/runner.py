@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..inference import MediaEncoder, candidate_log_likelihoods, generate_texts, rank_scores
 from .prompts import build_prompt
+from .protocol import Protocol, get_protocol
 from .shots import RICES, sample_random_shots, shot_permutations
 from .task import Example, Prediction, Task
 
@@ -112,7 +113,8 @@ def format_results_table(results: dict) -> str:
 class _Runner:
     """State shared by the runs of one :func:`evaluate` call: the model, the media cache, RICES indexes."""
 
-    def __init__(self, model, processor, *, batch_size: int, ensemble: int, max_rows: int, rices_cache_dir, progress: bool):
+    def __init__(self, model, processor, *, batch_size: int, ensemble: int, max_rows: int, rices_cache_dir, progress: bool, protocol: Protocol):
+        self.protocol = protocol
         self.model = model
         self.processor = processor
         self.media = MediaEncoder(model, processor)
@@ -137,6 +139,8 @@ class _Runner:
         flat = [p for ps in prompts for p in ps]
         if task.kind == "generate":
             kwargs = dict(task.generate_kwargs or {})
+            if task.length_penalty is not None:
+                kwargs.setdefault("length_penalty", task.length_penalty)
             texts = generate_texts(
                 self.model, self.processor, flat, media=self.media, num_frames=task.num_frames,
                 max_new_tokens=task.max_new_tokens, num_beams=task.num_beams, **kwargs,
@@ -148,6 +152,7 @@ class _Runner:
         continuations = [[task.continuation(c) for c in cands] for cands, ps in zip(candidates, prompts) for _ in ps]
         lls = candidate_log_likelihoods(
             self.model, self.processor, flat, continuations, media=self.media, num_frames=task.num_frames, max_rows=self.max_rows,
+            tokenize_alone=task.tokenize_candidates_alone,
         )
         scores = rank_scores(lls, task.length_normalize)
         out, k = [], 0
@@ -157,31 +162,39 @@ class _Runner:
             out.append(Prediction(cands[int(mean.argmax())], scores=dict(zip(cands, mean.tolist()))))
         return out
 
-    def run(self, task: Task, queries: list[Example], support: list[Example], n: int, seed: int, selection: str) -> dict:
+    def run(
+        self, task: Task, queries: list[Example], support: list[Example], n: int, seed: int, selection: str,
+        pool: list[Example] | None = None,
+    ) -> dict:
+        """One (task, shots, seed) run. pool: the examples random shots come from (default: ``support``);
+        RICES always retrieves from the whole ``support``."""
         start_time = time.time()
         text_only = n == 0 and task.zero_shot_text_examples
         if (n > 0 or text_only) and not support:
             raise ValueError(f"task {task.name!r} has an empty support set: cannot build {n}-shot prompts")
-        rices = self._rices(task, support) if selection == "rices" and n > 0 else None
+        pool = support if pool is None else pool
+        # 0-shot text-only examples: retrieved like shots under RICES when the protocol says so (OpenFlamingo)
+        retrieve = selection == "rices" and (n > 0 or (text_only and self.protocol.retrieve_text_examples))
+        rices = self._rices(task, support) if retrieve else None
         predictions: list[Prediction] = []
         scored: list[Example] = []
         records: list[dict] = []
         bar = tqdm(total=len(queries), desc=f"{task.name} {n}-shot seed {seed}", disable=not self.progress, unit="ex")
         for start in range(0, len(queries), self.batch_size):
             batch = queries[start : start + self.batch_size]
-            retrieved = rices.select(batch, n) if rices is not None else None
+            retrieved = rices.select(batch, n if n > 0 else task.num_text_examples) if rices is not None else None
             episode_queries, prompts, shot_ids = [], [], []
             for j, query in enumerate(batch):
                 # one generator per query: its shots do not depend on the batch size or on other queries
                 rng = random.Random(f"{seed}/{task.name}/{n}/{start + j}")
-                if text_only:
-                    shots = sample_random_shots(support, task.num_text_examples, rng, exclude_id=query.id)
+                if retrieved is not None:
+                    shots = retrieved[j]
+                elif text_only:
+                    shots = sample_random_shots(pool, task.num_text_examples, rng, exclude_id=query.id)
                 elif n == 0:
                     shots = []
-                elif retrieved is not None:
-                    shots = retrieved[j]
                 else:
-                    shots = sample_random_shots(support, n, rng, exclude_id=query.id)
+                    shots = sample_random_shots(pool, n, rng, exclude_id=query.id)
                 query, shots = task.episode(query, shots, rng)
                 episode_queries.append(query)
                 prompts.append(self._prompts_for(task, query, shots, text_only, rng))
@@ -207,7 +220,8 @@ class _Runner:
             "task": task.name, "kind": task.kind, "shots": n, "seed": seed, "selection": selection, "metric": task.metric,
             "value": scores[task.metric], "scores": scores, "num_examples": len(queries),
             "zero_shot_text_examples": bool(text_only), "ensemble": self.ensemble if task.kind == "rank" else 1,
-            "prompt": task.prompt, "time_s": round(time.time() - start_time, 2), "predictions": records,
+            "prompt": task.prompt, "protocol": self.protocol.name, "protocol_settings": _jsonable(task.protocol_record()),
+            "time_s": round(time.time() - start_time, 2), "predictions": records,
         }
 
 
@@ -229,6 +243,7 @@ def evaluate(
     rices_cache_dir: str | os.PathLike | None = None,
     model_name: str | None = None,
     config: dict | None = None,
+    protocol: str | Protocol = "paper",
 ) -> dict:
     """Evaluate ``model`` on every task at every number of shots and seed; return (and write) the results.
 
@@ -237,10 +252,13 @@ def evaluate(
     max_rows: rank tasks score at most this many (prompt, candidate) rows per forward; each row holds a
     copy of its prompt's KV cache, so this bounds memory.
     limit: evaluate the first ``limit`` queries of each task (a dict {task name: limit} caps the tasks it
-    names). results_path: the JSON written after every run; with ``resume``, runs already in it (same task,
+    names); under a protocol with ``random_limit`` (openflamingo), a seeded random subset per seed.
+    protocol: "paper" (default) or "openflamingo" (:mod:`flamingo_vlm.evaluation.protocol`); it is applied
+    to every task (:meth:`Task.use_protocol`, settings given to a task's constructor kept) and recorded. results_path: the JSON written after every run; with ``resume``, runs already in it (same task,
     shots, seed, selection, limit, ensemble) are skipped. Returns {"model", "config", "runs": [per run:
     scores, per-example predictions, ...], "summary": [per (task, shots): mean/std over seeds]}.
     """
+    proto = get_protocol(protocol)
     if selection not in ("random", "rices"):
         raise ValueError(f"selection must be 'random' or 'rices', got {selection!r}")
     if any(n < 0 for n in shots):
@@ -251,9 +269,12 @@ def evaluate(
     model_name = model_name or getattr(model.config, "lm_name_or_path", None) or type(model).__name__
     settings = {
         "shots": list(shots), "seeds": list(seeds), "selection": selection, "batch_size": batch_size, "limit": limit,
-        "ensemble": ensemble,
+        "ensemble": ensemble, "protocol": proto.name,
     }
-    results = {"version": RESULTS_VERSION, "model": model_name, "config": {**(config or {}), **settings}, "runs": [], "summary": []}
+    results = {
+        "version": RESULTS_VERSION, "model": model_name, "config": {**(config or {}), **settings}, "protocol": proto.describe(),
+        "runs": [], "summary": [],
+    }
     if results_path is not None and resume and Path(results_path).is_file():
         previous = json.loads(Path(results_path).read_text())
         if previous.get("model") not in (None, model_name):
@@ -264,24 +285,35 @@ def evaluate(
         results["runs"] = previous.get("runs", [])
     done = {_run_key(r): r for r in results["runs"]}
 
-    runner = _Runner(model, processor, batch_size=batch_size, ensemble=ensemble, max_rows=max_rows, rices_cache_dir=rices_cache_dir, progress=progress)
+    runner = _Runner(
+        model, processor, batch_size=batch_size, ensemble=ensemble, max_rows=max_rows, rices_cache_dir=rices_cache_dir, progress=progress,
+        protocol=proto,
+    )
     was_training = model.training
     model.eval()
     try:
         for task in tasks:
-            queries = task.queries()
+            task.use_protocol(proto.name)
+            all_queries = task.queries()
             cap = limit.get(task.name) if isinstance(limit, dict) else limit
-            queries = queries[:cap] if cap is not None else queries
             support: list[Example] | None = None  # read on first need (0-shot without text examples has none)
             for n in shots:
                 for seed in seeds if selection == "random" else list(seeds)[:1]:
                     key = (task.name, n, seed, selection)
                     old = done.get(key)
-                    if old is not None and old.get("num_examples") == len(queries) and old.get("ensemble", 1) == (ensemble if task.kind == "rank" else 1):
+                    expected = len(all_queries) if cap is None else min(cap, len(all_queries))
+                    if (
+                        old is not None and old.get("num_examples") == expected and old.get("protocol", "paper") == proto.name
+                        and old.get("ensemble", 1) == (ensemble if task.kind == "rank" else 1)
+                    ):
                         continue
                     if support is None and (n > 0 or task.zero_shot_text_examples):
                         support = task.support()
-                    run = runner.run(task, queries, support or [], n, seed, selection)
+                    # which queries and which random-shot pool: fixed per seed by the protocol
+                    query_index, pool_index = proto.subsets(len(all_queries), len(support or []), cap, seed)
+                    queries = [all_queries[i] for i in query_index]
+                    pool = [support[i] for i in pool_index] if pool_index is not None and selection == "random" else None
+                    run = runner.run(task, queries, support or [], n, seed, selection, pool=pool)
                     results["runs"] = [r for r in results["runs"] if _run_key(r) != key] + [run]
                     done[key] = run
                     results["summary"] = summarize(results["runs"])

@@ -82,6 +82,22 @@ class Task:
     score_end_of_chunk: bool = True
     # Frames sampled uniformly from each video file.
     num_frames: int = 8
+    # Text after each shot, before the next example (OpenFlamingo: a newline in caption / VQA prompts).
+    shot_separator: str = ""
+    # Beam search's length_penalty (None: transformers' default, 1.0; OpenFlamingo passes 0.0).
+    length_penalty: float | None = None
+    # Generated answers end at the first newline (OpenFlamingo does not cut there).
+    cut_at_newline: bool = True
+    # Rank tasks: tokenise the candidate alone (OpenFlamingo), not as it follows the prompt's text.
+    tokenize_candidates_alone: bool = False
+    # Per protocol, the attributes it sets (merged along the class hierarchy, derived classes last); a
+    # protocol that does not name an attribute leaves the class default. See flamingo_vlm.evaluation.protocol.
+    protocol_settings: dict[str, dict] = {
+        "openflamingo": {
+            "answer_prefix": "", "length_penalty": 0.0, "cut_at_newline": False,
+            "tokenize_candidates_alone": True, "score_end_of_chunk": False,
+        },
+    }
 
     def __init__(
         self,
@@ -98,16 +114,53 @@ class Task:
         length_normalize: bool | None = None,
         score_end_of_chunk: bool | None = None,
         num_frames: int | None = None,
+        shot_separator: str | None = None,
+        length_penalty: float | None = None,
+        cut_at_newline: bool | None = None,
+        tokenize_candidates_alone: bool | None = None,
     ) -> None:
         overrides = dict(
             name=name, prompt=prompt, answer_prefix=answer_prefix, answer_suffix=answer_suffix, max_new_tokens=max_new_tokens,
             num_beams=num_beams, generate_kwargs=generate_kwargs, zero_shot_text_examples=zero_shot_text_examples,
             num_text_examples=num_text_examples, length_normalize=length_normalize, score_end_of_chunk=score_end_of_chunk,
-            num_frames=num_frames,
+            num_frames=num_frames, shot_separator=shot_separator, length_penalty=length_penalty, cut_at_newline=cut_at_newline,
+            tokenize_candidates_alone=tokenize_candidates_alone,
         )
+        # what the task's config set explicitly: a protocol never overrides it
+        self.explicit_settings = {key for key, value in overrides.items() if value is not None}
+        self.protocol = "paper"
         for key, value in overrides.items():
             if value is not None:
                 setattr(self, key, value)
+
+    # ---- protocol ----------------------------------------------------------------------------
+    @classmethod
+    def settings_for(cls, protocol: str) -> dict:
+        """The attributes ``protocol`` sets on this class: ``protocol_settings`` merged from base to derived;
+        an attribute another protocol sets and this one does not keeps its class default."""
+        merged: dict[str, dict] = {}
+        for klass in reversed(cls.__mro__):
+            for name, values in vars(klass).get("protocol_settings", {}).items():
+                merged.setdefault(name, {}).update(values)
+        keys = {key for values in merged.values() for key in values}
+        defaults = {}
+        for key in keys:  # the class default: the nearest class that defines the attribute itself
+            defaults[key] = next(vars(k)[key] for k in cls.__mro__ if key in vars(k))
+        return {**defaults, **merged.get(protocol, {})}
+
+    def use_protocol(self, protocol: str) -> "Task":
+        """Apply a protocol's task settings (``"paper"`` restores the class defaults); settings given to the
+        constructor are kept. Returns self."""
+        for key, value in self.settings_for(protocol).items():
+            if key not in getattr(self, "explicit_settings", set()):
+                setattr(self, key, value)
+        self.protocol = protocol
+        return self
+
+    def protocol_record(self) -> dict:
+        """The settings that the protocols choose between, as this task uses them (for the results JSON)."""
+        keys = sorted(set(self.settings_for(self.protocol)) | {"prompt", "max_new_tokens", "num_beams"})
+        return {key: getattr(self, key) for key in keys}
 
     # ---- data --------------------------------------------------------------------------------
     def support(self) -> list[Example]:
@@ -149,9 +202,9 @@ class Task:
         return self.answer_prefix + candidate + (self.answer_suffix if self.score_end_of_chunk else "")
 
     def postprocess(self, text: str) -> str:
-        """Generated text -> the answer: the first line, up to the end of the chunk."""
-        text = text.split(END_OF_CHUNK_TOKEN)[0]
-        return text.strip().split("\n")[0].strip()
+        """Generated text -> the answer: up to the end of the chunk, and its first line if ``cut_at_newline``."""
+        text = text.split(END_OF_CHUNK_TOKEN)[0].strip()
+        return text.split("\n")[0].strip() if self.cut_at_newline else text
 
     # ---- scoring -----------------------------------------------------------------------------
     def score(self, predictions: list, examples: list[Example]) -> dict[str, float]:

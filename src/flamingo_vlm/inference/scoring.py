@@ -22,13 +22,16 @@ from .media import MediaEncoder
 from .prompts import encode_prompts
 
 
-def continuation_token_ids(tokenizer, context: str, continuations: list[str]) -> list[list[int]]:
+def continuation_token_ids(tokenizer, context: str, continuations: list[str], *, alone: bool = False) -> list[list[int]]:
     """The tokens of each continuation as they follow ``context``.
 
     As lm-evaluation-harness does: tokenise ``context + continuation`` and drop the context's tokens,
     so a merge at the boundary is tokenised as in running text; if the context's tokens are not a prefix
-    (a token spans the boundary), the continuation is tokenised alone.
+    (a token spans the boundary), the continuation is tokenised alone. ``alone``: always tokenise the
+    continuation by itself (OpenFlamingo's rank classification appends these ids to the prompt's).
     """
+    if alone:
+        context = ""
     base = tokenizer(context, add_special_tokens=False)["input_ids"] if context else []
     joined = tokenizer([context + c for c in continuations], add_special_tokens=False)["input_ids"]
     out = []
@@ -60,16 +63,18 @@ def candidate_log_likelihoods(
     media: MediaEncoder | None = None,
     num_frames: int = 8,
     max_rows: int = 64,
+    tokenize_alone: bool = False,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """For each prompt b (interleaved items) and its continuation texts: (summed log-prob [C_b], token count [C_b]).
 
     The prompt is computed once; all (prompt, candidate) rows are scored from its cache, ``max_rows`` at a time.
+    tokenize_alone: each continuation is tokenised by itself, not as it follows the prompt's text.
     """
     if len(prompts) != len(continuations):
         raise ValueError(f"{len(prompts)} prompts but {len(continuations)} candidate lists")
     media = media or MediaEncoder(model, processor)
     batch = encode_prompts(processor, prompts, media, num_frames=num_frames)
-    tokens = [continuation_token_ids(processor.tokenizer, tail, conts) for tail, conts in zip(batch.tails, continuations)]
+    tokens = [continuation_token_ids(processor.tokenizer, tail, conts, alone=tokenize_alone) for tail, conts in zip(batch.tails, continuations)]
     device = batch.input_ids.device
 
     out = model(

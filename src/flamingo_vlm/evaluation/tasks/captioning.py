@@ -21,16 +21,21 @@ class Captioning(Task):
     prompt = "Output:"
     max_new_tokens = 20
     tokenizer = "auto"
+    # drop double quotes from a generated caption (OpenFlamingo's evaluate_captioning does)
+    strip_quotes = False
+    # OpenFlamingo's get_caption_prompt: "<image>Output:{caption}<|endofchunk|>" + "\n"
+    protocol_settings = {"openflamingo": {"shot_separator": "\n", "strip_quotes": True}}
 
     def answer(self, ex: Example) -> str:
-        return ex.fields["captions"][0]  # a shot shows its first reference caption
+        return ex.fields["captions"][0].strip()  # a shot shows its first reference caption
 
     def reference(self, ex: Example):
         return ex.fields["captions"]
 
     def postprocess(self, text: str) -> str:
         # as OpenFlamingo: a caption ends where the model starts the next example
-        return super().postprocess(text.split("Output", 1)[0])
+        caption = super().postprocess(text.split("Output", 1)[0])
+        return caption.replace('"', "") if self.strip_quotes else caption
 
     def score(self, predictions: list, examples: list[Example]) -> dict[str, float]:
         refs = [ex.fields["captions"] for ex in examples]

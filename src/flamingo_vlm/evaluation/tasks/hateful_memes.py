@@ -44,6 +44,8 @@ class HatefulMemes(Task):
     metric = "roc_auc"
     prompt = 'is an image with written: "{text}" on it. Is it hateful? Answer:'
     labels = ("no", "yes")
+    # OpenFlamingo's get_hateful_memes_prompt (its text is the meme's "text" field, which it calls "ocr")
+    protocol_settings = {"openflamingo": {"prompt": "is an image with: '{text}' written on it. Is it hateful? Answer:"}}
 
     def __init__(
         self,

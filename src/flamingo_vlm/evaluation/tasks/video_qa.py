@@ -32,6 +32,8 @@ class VideoQA(Task):
     metric = "top1"
     prompt = "Question: {question} Answer:"
     max_new_tokens = 5
+    # OpenFlamingo has no video benchmark: its image-VQA prompt and layout carried over
+    protocol_settings = {"openflamingo": {"prompt": "Question:{question} Short answer:", "shot_separator": "\n"}}
 
     def __init__(
         self,
@@ -59,7 +61,7 @@ class VideoQA(Task):
         return memo(self, "support", lambda: read_video_qa(self.support_qa_json, self.support_finder))
 
     def postprocess(self, text: str) -> str:
-        return postprocess_vqa(super().postprocess(text))
+        return postprocess_vqa(super().postprocess(text), self.cut_at_newline)
 
     def score(self, predictions: list, examples: list[Example]) -> dict[str, float]:
         refs = [self.answer(ex) for ex in examples]

@@ -90,10 +90,12 @@ def read_vqa(
     return out
 
 
-def postprocess_vqa(text: str) -> str:
-    """OpenFlamingo's VQA post-processing: the answer ends where a new "Question"/"Answer" starts, or at ", "."""
+def postprocess_vqa(text: str, cut_at_newline: bool = True) -> str:
+    """OpenFlamingo's VQA post-processing: the answer ends where a new "Question"/"Answer" starts, or at ", "
+    (and, unless ``cut_at_newline`` is False as in OpenFlamingo, at the first newline)."""
     answer = re.split("Question|Answer|Short", text, maxsplit=1)[0]
-    return re.split(", ", answer, maxsplit=1)[0].strip().split("\n")[0].strip()
+    answer = re.split(", ", answer, maxsplit=1)[0].strip()
+    return answer.split("\n")[0].strip() if cut_at_newline else answer
 
 
 @register_task("vqa")
@@ -103,7 +105,8 @@ class VQATask(Task):
 
     Queries from ``questions_json`` + ``annotations_json``, shots from the ``support_*`` pair (the train
     split). normalize_always: normalise answers even when all annotators agree (the official code does
-    not).
+    not; OpenFlamingo does). shot_answer: the answer a shot shows, "multiple_choice" (VQA's
+    ``multiple_choice_answer``, the annotators' most common answer) or "first" (``answers[0]``, OpenFlamingo).
     """
 
     name = "vqav2"
@@ -113,6 +116,13 @@ class VQATask(Task):
     max_new_tokens = 5
     image_name_format = "COCO_{data_subtype}_{image_id:012d}.jpg"
     normalize_always = False
+    shot_answer = "multiple_choice"
+    # OpenFlamingo's get_vqa_prompt: "<image>Question:{question} Short answer:{answer}<|endofchunk|>" + "\n"
+    protocol_settings = {
+        "openflamingo": {
+            "prompt": "Question:{question} Short answer:", "shot_separator": "\n", "shot_answer": "first", "normalize_always": True,
+        },
+    }
 
     def __init__(
         self,
@@ -127,9 +137,12 @@ class VQATask(Task):
         support_image_dir: str | Path | None = None,
         support_image_name_format: str | None = None,
         normalize_always: bool | None = None,
+        shot_answer: str | None = None,
         **options,
     ) -> None:
         super().__init__(name, **options)
+        if shot_answer not in (None, "multiple_choice", "first"):
+            raise ValueError(f"shot_answer must be 'multiple_choice' or 'first', got {shot_answer!r}")
         self.questions_json = require_file(questions_json, "questions_json")
         self.annotations_json = require_file(annotations_json, "annotations_json") if annotations_json else None
         self.image_dir = require_dir(image_dir, "image_dir")
@@ -139,8 +152,10 @@ class VQATask(Task):
         if image_name_format is not None:
             self.image_name_format = image_name_format
         self.support_image_name_format = support_image_name_format or self.image_name_format
-        if normalize_always is not None:
-            self.normalize_always = normalize_always
+        for key, value in (("normalize_always", normalize_always), ("shot_answer", shot_answer)):
+            if value is not None:
+                setattr(self, key, value)
+                self.explicit_settings.add(key)
 
     def queries(self) -> list[Example]:
         return memo(self, "queries", lambda: read_vqa(self.questions_json, self.annotations_json, self.image_dir, self.image_name_format))
@@ -152,11 +167,16 @@ class VQATask(Task):
             self.support_questions_json, self.support_annotations_json, self.support_image_dir, self.support_image_name_format
         ))
 
+    def answer(self, ex: Example) -> str:
+        if self.shot_answer == "first" and ex.fields.get("answers"):
+            return str(ex.fields["answers"][0])
+        return str(ex.fields["answer"])
+
     def reference(self, ex: Example):
         return ex.fields["answers"]
 
     def postprocess(self, text: str) -> str:
-        return postprocess_vqa(super().postprocess(text))
+        return postprocess_vqa(super().postprocess(text), self.cut_at_newline)
 
     def accuracy(self, prediction: str, ex: Example) -> float:
         """One prediction's accuracy in [0, 1]: the official VQA accuracy over the annotation records."""
@@ -238,6 +258,7 @@ class TextVQA(VQATask):
 
     name = "textvqa"
     image_name_format = "{image_id}.jpg"
+    protocol_settings = {"openflamingo": {"max_new_tokens": 10}}  # evaluate.py passes max_generation_length=10
 
     def accuracy(self, prediction: str, ex: Example) -> float:
         return textvqa_accuracy(prediction, ex.fields["answers"])
