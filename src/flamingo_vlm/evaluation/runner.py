@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..inference import MediaEncoder, candidate_log_likelihoods, generate_texts, rank_scores
 from .prompts import build_prompt
-from .shots import RICES, sample_random_shots, shot_permutations
+from .shots import RICES, ShotPool, sample_random_shots, shot_permutations
 from .task import Example, Prediction, Task
 
 RESULTS_VERSION = 1
@@ -163,6 +163,7 @@ class _Runner:
         if (n > 0 or text_only) and not support:
             raise ValueError(f"task {task.name!r} has an empty support set: cannot build {n}-shot prompts")
         rices = self._rices(task, support) if selection == "rices" and n > 0 else None
+        pool = ShotPool(support)  # indexed once: each query's shots cost O(n), not O(support set)
         predictions: list[Prediction] = []
         scored: list[Example] = []
         records: list[dict] = []
@@ -175,13 +176,13 @@ class _Runner:
                 # one generator per query: its shots do not depend on the batch size or on other queries
                 rng = random.Random(f"{seed}/{task.name}/{n}/{start + j}")
                 if text_only:
-                    shots = sample_random_shots(support, task.num_text_examples, rng, exclude_id=query.id)
+                    shots = sample_random_shots(pool, task.num_text_examples, rng, exclude_id=query.id)
                 elif n == 0:
                     shots = []
                 elif retrieved is not None:
                     shots = retrieved[j]
                 else:
-                    shots = sample_random_shots(support, n, rng, exclude_id=query.id)
+                    shots = sample_random_shots(pool, n, rng, exclude_id=query.id)
                 query, shots = task.episode(query, shots, rng)
                 episode_queries.append(query)
                 prompts.append(self._prompts_for(task, query, shots, text_only, rng))
