@@ -173,3 +173,21 @@ def test_an_evaluation_run_encodes_each_support_image_once():
     used = {s for run in results["runs"] for p in run["predictions"] for s in p["shots"]}
     distinct = len(used) + len(queries)  # query images are shared by the runs too
     assert counts == {"vision": distinct, "kv": distinct}  # four runs, 12 batches, 6 x 2 x (4 + 8) + 24 media shown
+
+
+def test_kshot_benchmark_runs_both_sides_and_compares_predictions():
+    from flamingo_vlm.benchmark.cli import resolve_preset
+    from flamingo_vlm.benchmark.kshot import run_kshot, table
+    from flamingo_vlm.benchmark.spec import load_bench_config
+
+    spec = load_bench_config(resolve_preset("tiny")).to_dict()
+    result = run_kshot(spec, shots=(3,), queries=3, support=6, batch_size=1, new_tokens=3, num_beams=2)
+    (row,) = result["rows"]
+    assert row["identical_predictions"] is True
+    for side in ("without", "with"):
+        parts = row[side]
+        assert parts["total"] > 0 and parts["prefill"] > 0
+        assert abs(parts["vision_resampler"] + parts["media_kv"] + parts["prefill"] + parts["decode_other"] - parts["total"]) < 1e-6
+    # per query: the baseline encodes and projects the shots and the query, the cache only the query
+    assert row["without"]["images_encoded"] == row["without"]["images_projected"] > row["with"]["images_encoded"] == 1
+    assert row["with"]["images_projected"] == 1 and row["support_images_encoded"] == 6 and "| 3 | with |" in table(result)

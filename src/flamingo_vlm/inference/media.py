@@ -199,6 +199,8 @@ class MediaEncoder:
         return torch.stack(self._encode(items, num_frames, self._embeddings, pooled))
 
     def prefetch(self, items: Iterable, num_frames: int = 8) -> None:
-        """Encode many media ahead of use (one batched pass): visual tokens, and keys/values within budget."""
+        """Encode many media ahead of use (batched): visual tokens, and keys/values within the budget."""
         items = list(items)
-        self.media_kv(items, num_frames, self.visual_tokens(items, num_frames))
+        for start in range(0, len(items), self.batch_size):  # a batch's tokens and keys/values alive at a time
+            chunk = items[start : start + self.batch_size]
+            self.media_kv(chunk, num_frames, self.visual_tokens(chunk, num_frames))
