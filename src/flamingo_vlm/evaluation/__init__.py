@@ -13,7 +13,7 @@ from .metrics import bleu4, cider, exact_match_accuracy, ptb_tokenize, roc_auc, 
 from .prompts import build_prompt
 from .protocol import PROTOCOLS, Protocol, get_protocol
 from .runner import evaluate, format_results_table, summarize
-from .shots import RICES, sample_random_shots, shot_permutations
+from .shots import RICES, ShotPool, sample_random_shots, shot_permutations
 from .task import TASK_TYPES, Example, Prediction, Task, build_task, register_task
 from .tasks import (
     OKVQA,
@@ -34,6 +34,6 @@ __all__ = [
     "HatefulMemes", "MediaEncoder", "Prediction", "Task", "TextVQA", "VQATask", "VideoCaptioning", "VideoQA", "VizWiz",
     "bleu4", "build_prompt", "build_task", "candidate_log_likelihoods", "cider", "continuation_token_ids",
     "encode_prompts", "evaluate", "exact_match_accuracy", "format_results_table", "generate_texts", "get_protocol", "load_video",
-    "ptb_tokenize", "rank_scores", "register_task", "roc_auc", "sample_random_shots", "shot_permutations", "summarize",
+    "ptb_tokenize", "rank_scores", "register_task", "roc_auc", "sample_random_shots", "ShotPool", "shot_permutations", "summarize",
     "top_k_accuracy", "vqa_accuracy", "vqa_normalize",
 ]

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..inference import MediaEncoder, candidate_log_likelihoods, generate_texts, rank_scores
 from .prompts import build_prompt
 from .protocol import Protocol, get_protocol
-from .shots import RICES, sample_random_shots, shot_permutations
+from .shots import RICES, ShotPool, sample_random_shots, shot_permutations
 from .task import Example, Prediction, Task
 
 RESULTS_VERSION = 1
@@ -172,7 +172,8 @@ class _Runner:
         text_only = n == 0 and task.zero_shot_text_examples
         if (n > 0 or text_only) and not support:
             raise ValueError(f"task {task.name!r} has an empty support set: cannot build {n}-shot prompts")
-        pool = support if pool is None else pool
+        # indexed once: each query's random shots cost O(n), not O(support set)
+        pool = ShotPool(support if pool is None else pool)
         # 0-shot text-only examples: retrieved like shots under RICES when the protocol says so (OpenFlamingo)
         retrieve = selection == "rices" and (n > 0 or (text_only and self.protocol.retrieve_text_examples))
         rices = self._rices(task, support) if retrieve else None

@@ -13,6 +13,7 @@ import os
 import random
 import re
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -21,10 +22,62 @@ from ..inference.media import MediaEncoder
 from .task import Example, Task
 
 
-def sample_random_shots(pool: list[Example], n: int, rng: random.Random, exclude_id=None) -> list[Example]:
-    """``n`` distinct examples of ``pool`` in random order, never the query itself (``exclude_id``)."""
-    candidates = [ex for ex in pool if exclude_id is None or ex.id != exclude_id]
-    return rng.sample(candidates, min(n, len(candidates)))
+class ShotPool:
+    """A support set indexed once by example id, so that drawing ``n`` shots for a query costs O(n), not
+    O(support set): at VQAv2 size (443k questions) a per-query list of the candidates alone is milliseconds.
+
+    examples: the support set (kept, not copied). Ids are normally hashable; a pool with an unhashable id
+    falls back to finding the query by a scan.
+    """
+
+    def __init__(self, examples: Sequence[Example]) -> None:
+        self.examples = examples
+        self._positions: dict | None = {}
+        try:
+            for j, ex in enumerate(examples):
+                self._positions.setdefault(ex.id, []).append(j)
+        except TypeError:  # an unhashable id
+            self._positions = None
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def positions(self, example_id) -> list[int]:
+        """Ascending indices of the examples whose id equals ``example_id``."""
+        if self._positions is not None:
+            try:
+                return self._positions.get(example_id, [])
+            except TypeError:  # an unhashable query id equals no hashable support id
+                return []
+        return [j for j, ex in enumerate(self.examples) if ex.id == example_id]
+
+    def sample(self, n: int, rng: random.Random, exclude_id=None) -> list[Example]:
+        """Exactly ``rng.sample([ex for ex in examples if ex.id != exclude_id], min(n, that many))``: the same
+        shots from the same generator state, with no list over the pool.
+
+        ``random.sample`` reads only the population's length and the items at the indices it draws (a
+        ``range`` is a sequence of O(1) indexing), so sampling indices of the pool without the excluded
+        examples and mapping each to the pool skips the copy. Its set-based branch draws O(n) indices; its
+        pool branch copies the population, but only when it is at most about 12n + 21 long.
+        """
+        excluded = [] if exclude_id is None else self.positions(exclude_id)
+        size = len(self.examples) - len(excluded)
+        out = []
+        for j in rng.sample(range(size), min(n, size)):
+            for p in excluded:  # ascending: the j-th kept index steps over each excluded one at or before it
+                if p <= j:
+                    j += 1
+            out.append(self.examples[j])
+        return out
+
+
+def sample_random_shots(pool: Sequence[Example] | ShotPool, n: int, rng: random.Random, exclude_id=None) -> list[Example]:
+    """``n`` distinct examples of ``pool`` in random order, never the query itself (``exclude_id``).
+
+    Pass a :class:`ShotPool` built once per support set to make each call O(n); a plain list is indexed
+    on every call (O(len(pool))).
+    """
+    return (pool if isinstance(pool, ShotPool) else ShotPool(pool)).sample(n, rng, exclude_id)
 
 
 def shot_permutations(shots: list[Example], count: int, rng: random.Random) -> list[list[Example]]:
@@ -62,6 +115,7 @@ class RICES:
         self.task = task
         self.media = media
         self.support = support if support is not None else task.support()
+        self._pool = ShotPool(self.support)
         self.batch_size = batch_size
         self.progress = progress
         self.support_embeddings = self._load_or_embed(cache_dir)  # [N, d]
@@ -107,22 +161,24 @@ class RICES:
         return torch.nn.functional.normalize(out, dim=-1)
 
     def select(self, queries: list[Example], n: int) -> list[list[Example]]:
-        """For each query, its ``n`` most similar support examples, least similar first (most similar last)."""
+        """For each query, its ``n`` most similar support examples, least similar first (most similar last).
+
+        Exact search: one [queries, N] similarity product and a top-k per query; everything else per query
+        is O(n) (the id index of the support set is built once, in the constructor).
+        """
         if n <= 0:
             return [[] for _ in queries]
-        position: dict = {}
-        for j, ex in enumerate(self.support):
-            position.setdefault(ex.id, []).append(j)
-        k = min(n, len(self.support) - max((len(position.get(q.id, [])) for q in queries), default=0))
+        excluded = [self._pool.positions(q.id) for q in queries]  # the support's id index is built once
+        k = min(n, len(self.support) - max((len(p) for p in excluded), default=0))
         selected = []
         for start in range(0, len(queries), 256):  # [256, N] similarities at a time
             chunk = queries[start : start + 256]
             similarity = self.embed(chunk) @ self.support_embeddings.T
-            for i, q in enumerate(chunk):  # never retrieve the query itself
-                similarity[i, position.get(q.id, [])] = -float("inf")
+            for i in range(len(chunk)):  # never retrieve the query itself
+                similarity[i, excluded[start + i]] = -float("inf")
             top = similarity.topk(k, dim=1).indices.flip(1)  # ascending similarity: most similar last
             selected += [[self.support[j] for j in row] for row in top.tolist()]
         return selected
 
 
-__all__ = ["RICES", "sample_random_shots", "shot_permutations"]
+__all__ = ["RICES", "ShotPool", "sample_random_shots", "shot_permutations"]

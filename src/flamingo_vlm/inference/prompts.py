@@ -33,8 +33,8 @@ class PromptBatch:
 
 def encode_prompts(processor, prompts: list[list], media: MediaEncoder, *, num_frames: int = 8, padding_side: str = "left") -> PromptBatch:
     """Tokenise interleaved prompts as :class:`~flamingo_vlm.FlamingoProcessor` does (each medium becomes one
-    media token) and take each medium's visual tokens from ``media``, encoded once however many prompts
-    show it."""
+    media token) and take each medium's visual tokens and xattn keys/values from ``media``, computed once
+    however many prompts (in this batch or, with the same ``media``, any later one) show it."""
     strings, all_media, tails = [], [], []
     for items in prompts:
         parts, tail = [], ""
@@ -57,8 +57,7 @@ def encode_prompts(processor, prompts: list[list], media: MediaEncoder, *, num_f
         raise ValueError(f"prompts hold {counts.tolist()} media tokens but {expected} media: a prompt's text contains {processor.media_token!r}")
     model = media.model
     visual_tokens = media.visual_tokens(all_media, num_frames)
-    with torch.no_grad():
-        media_kv = None if visual_tokens is None else model.media_kv(visual_tokens)
+    media_kv = media.media_kv(all_media, num_frames, visual_tokens)  # per medium, cached across batches
     return PromptBatch(
         input_ids=enc["input_ids"].to(model.device),
         attention_mask=enc["attention_mask"].to(model.device),
