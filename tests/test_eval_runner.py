@@ -241,3 +241,24 @@ def test_flamingo_eval_cli(specs, tmp_path):
     assert all(r["num_examples"] == 2 for r in results["runs"])
     assert results["model"].endswith("model") and results["config"]["limit"] == 2
     assert "tiny_imagenet" in out.with_suffix(".txt").read_text()
+
+
+def test_a_test_dev_split_is_written_as_an_evalai_submission(model_and_processor, tmp_path):
+    """Questions without answers: the run's accuracy is null and its predictions go to an EvalAI file beside
+    the results JSON, one entry per question, the same answers the results record."""
+    from flamingo_vlm.evaluation.tasks.vqa import VQATask
+
+    model, processor = model_and_processor
+    (tmp_path / "img").mkdir()
+    questions = [{"question_id": 100 + i, "image_id": i, "question": "what colour is it?"} for i in range(3)]
+    for q in questions:
+        solid(q["image_id"]).save(tmp_path / "img" / f"COCO_test2015_{q['image_id']:012d}.jpg")
+    (tmp_path / "q.json").write_text(json.dumps({"data_subtype": "test2015", "questions": questions}))
+    task = VQATask("vqav2_test_dev", tmp_path / "q.json", None, tmp_path / "img", zero_shot_text_examples=False, max_new_tokens=3)
+    results = evaluate(model, processor, [task], shots=[0], seeds=[0], results_path=tmp_path / "results.json", progress=False)
+    [run] = results["runs"]
+    assert run["value"] is None
+    submitted = json.loads(open(run["submission_file"]).read())
+    assert run["submission_file"].endswith("results.submissions/vqav2_test_dev_0shot_random_seed0.json")
+    assert submitted == [{"question_id": r["id"], "answer": r["prediction"]} for r in run["predictions"]]
+    assert [s["question_id"] for s in submitted] == [100, 101, 102]

@@ -217,13 +217,29 @@ class _Runner:
         scores = {k: (float(v) if v is not None and math.isfinite(v) else None) for k, v in task.score(predictions, scored).items()}
         if task.metric not in scores:
             raise ValueError(f"task {task.name!r}: score() returned {sorted(scores)} without its main metric {task.metric!r}")
-        return {
+        run = {
             "task": task.name, "kind": task.kind, "shots": n, "seed": seed, "selection": selection, "metric": task.metric,
             "value": scores[task.metric], "scores": scores, "num_examples": len(queries),
             "zero_shot_text_examples": bool(text_only), "ensemble": self.ensemble if task.kind == "rank" else 1,
             "prompt": task.prompt, "protocol": self.protocol.name, "protocol_settings": _jsonable(task.protocol_record()),
             "time_s": round(time.time() - start_time, 2), "predictions": records,
         }
+        submission = task.submission([str(p) for p in predictions], scored)
+        if submission is not None:
+            run["submission"] = submission  # written to its own file by evaluate()
+        return run
+
+
+def _write_submission(results_path: str | os.PathLike, run: dict, submission: list) -> Path:
+    """A test split's result file for the benchmark's server (EvalAI), beside the results JSON:
+    ``<results>.submissions/<task>_<shots>shot_<selection>_seed<seed>.json``."""
+    path = Path(results_path)
+    path = path.with_name(f"{path.stem}.submissions") / f"{run['task']}_{run['shots']}shot_{run['selection']}_seed{run['seed']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(submission), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
 
 
 def evaluate(
@@ -315,6 +331,9 @@ def evaluate(
                     queries = [all_queries[i] for i in query_index]
                     pool = [support[i] for i in pool_index] if pool_index is not None and selection == "random" else None
                     run = runner.run(task, queries, support or [], n, seed, selection, pool=pool)
+                    submission = run.pop("submission", None)
+                    if submission is not None and results_path is not None:
+                        run["submission_file"] = str(_write_submission(results_path, run, submission))
                     results["runs"] = [r for r in results["runs"] if _run_key(r) != key] + [run]
                     done[key] = run
                     results["summary"] = summarize(results["runs"])

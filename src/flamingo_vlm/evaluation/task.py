@@ -212,6 +212,11 @@ class Task:
         references = [self.answer(ex) for ex in examples]
         return {self.metric: 100.0 * exact_match_accuracy(predictions, references, normalize=vqa_normalize)}
 
+    def submission(self, predictions: list, examples: list[Example]) -> list | None:
+        """The predictions as the benchmark's test server takes them, for a split without answers (None: the
+        split is scored here). Written by :func:`~flamingo_vlm.evaluation.evaluate` beside its results JSON."""
+        return None
+
     def reference(self, ex: Example) -> Any:
         """What the results JSON shows next to each prediction."""
         return self.answer(ex)

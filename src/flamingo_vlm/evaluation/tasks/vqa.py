@@ -186,7 +186,7 @@ class VQATask(Task):
     def score(self, predictions: list, examples: list[Example]) -> dict[str, float]:
         """vqa_accuracy (x100) and, where the annotations give answer types, ``vqa_accuracy/<type>``.
 
-        A test(-dev) split (no answers) scores NaN: write :func:`evalai_results` and submit it instead.
+        A test(-dev) split (no answers) scores NaN: its :meth:`submission` is the file to submit instead.
         """
         if any(ex.fields.get("answers") is None for ex in examples):
             return {"vqa_accuracy": float("nan")}
@@ -195,6 +195,13 @@ class VQATask(Task):
         by_type = vqa_accuracy_by_type(accs, [ex.fields.get("answer_type") for ex in examples])
         out.update({f"vqa_accuracy/{t}": 100.0 * v for t, v in by_type.items()})
         return out
+
+
+    def submission(self, predictions: list, examples: list[Example]) -> list | None:
+        """A test(-dev) split's EvalAI result file (:func:`evalai_results`); None when the split has answers."""
+        if examples and all(ex.fields.get("answers") is None for ex in examples):
+            return evalai_results(predictions, examples)
+        return None
 
 
 def evalai_results(predictions: list, examples: list[Example]) -> list[dict]:
