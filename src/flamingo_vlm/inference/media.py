@@ -113,9 +113,8 @@ class MediaEncoder:
             out.setdefault(self._key(item, num_frames), item)
         return out
 
-    def _encode(self, items: list, num_frames: int, cache: _LRU, encode: Callable[[torch.Tensor], torch.Tensor]) -> list:
-        """Per item, ``encode(pixel_values [m, T, C, H, W]) -> [m, ...]`` of it: from the cache, or computed
-        (batched, grouped by shape) for each distinct uncached medium once."""
+    def _cached(self, items: list, num_frames: int, cache: _LRU) -> tuple[dict, list]:
+        """(key -> cached value, [(key, item)] of the distinct media not in ``cache``), in first-seen order."""
         found, missing = {}, []
         for key, item in self._distinct(items, num_frames).items():
             value = self._lookup(cache, item, num_frames)
@@ -123,6 +122,12 @@ class MediaEncoder:
                 missing.append((key, item))
             else:
                 found[key] = value
+        return found, missing
+
+    def _encode(self, items: list, num_frames: int, cache: _LRU, encode: Callable[[torch.Tensor], torch.Tensor]) -> list:
+        """Per item, ``encode(pixel_values [m, T, C, H, W]) -> [m, ...]`` of it: from the cache, or computed
+        (batched, grouped by shape) for each distinct uncached medium once."""
+        found, missing = self._cached(items, num_frames, cache)
         device = self.model.device
         for start in range(0, len(missing), self.batch_size):  # streamed: only one batch of pixels alive
             groups: dict[tuple, list] = {}
@@ -156,14 +161,7 @@ class MediaEncoder:
             tokens = visual_tokens if visual_tokens is not None else self.visual_tokens(items, num_frames)
             with torch.no_grad():
                 return self.model.media_kv(tokens)
-        distinct = self._distinct(items, num_frames)
-        found, missing = {}, []
-        for key, item in distinct.items():
-            value = self._lookup(self._kv, item, num_frames)
-            if value is None:
-                missing.append((key, item))
-            else:
-                found[key] = value
+        found, missing = self._cached(items, num_frames, self._kv)
         if missing:
             if visual_tokens is not None:
                 row = {}
