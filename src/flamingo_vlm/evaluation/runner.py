@@ -33,7 +33,7 @@ def _run_key(run: dict) -> tuple:
     return run["task"], run["shots"], run["seed"], run["selection"]
 
 
-def _write_json(path: str | os.PathLike, data: dict) -> None:
+def _write_json(path: str | os.PathLike, data: dict | list) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -235,10 +235,7 @@ def _write_submission(results_path: str | os.PathLike, run: dict, submission: li
     ``<results>.submissions/<task>_<shots>shot_<selection>_seed<seed>.json``."""
     path = Path(results_path)
     path = path.with_name(f"{path.stem}.submissions") / f"{run['task']}_{run['shots']}shot_{run['selection']}_seed{run['seed']}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(submission), encoding="utf-8")
-    os.replace(tmp, path)
+    _write_json(path, submission)
     return path
 
 

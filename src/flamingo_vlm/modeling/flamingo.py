@@ -71,7 +71,6 @@ class FlamingoModel(nn.Module):
         self.config = config
         self.vision_encoder = vision_encoder.requires_grad_(False)
         self.lm = lm.requires_grad_(False)
-        lm_hidden = lm.config.get_text_config().hidden_size
         self.resampler = PerceiverResampler(
             dim=vision_encoder.hidden_size,
             depth=config.resampler_depth,
@@ -93,7 +92,7 @@ class FlamingoModel(nn.Module):
             )
         blocks = {
             i: GatedCrossAttentionBlock(
-                dim=lm_hidden,
+                dim=self.lm_hidden_size,
                 dim_visual=vision_encoder.hidden_size,
                 heads=config.xattn_heads,
                 dim_head=config.xattn_dim_head,
