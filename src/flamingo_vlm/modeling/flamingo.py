@@ -23,9 +23,9 @@ from .lm import (
     ExtendedLMHead,
     FlamingoDecoderLayer,
     add_new_token_rows,
-    check_context_route,
     find_decoder_layers,
     padded_position_ids,
+    route_context,
     wrap_lm,
 )
 from .loss import PLAIN_HEAD_MODEL_TYPES, causal_lm_loss, head_cross_entropy
@@ -107,7 +107,7 @@ class FlamingoModel(nn.Module):
         if config.new_token_ids:
             add_new_token_rows(lm, len(config.new_token_ids), config.new_token_ids[0], truncate=config.truncate_vocab)
         self.decoder_layers_attr = wrap_lm(lm, blocks, config.decoder_layers_attr)
-        check_context_route(lm, find_decoder_layers(lm, self.decoder_layers_attr)[1])
+        route_context(lm, find_decoder_layers(lm, self.decoder_layers_attr)[1])
         device = next(lm.parameters()).device
         self.resampler.to(device)
         for block in blocks.values():

@@ -4,14 +4,18 @@
   path can be given instead.
 - Each decoder layer is wrapped by :class:`FlamingoDecoderLayer`, which runs its gated cross-attention
   block (if any) first. The media context arrives as the ``flamingo_context`` keyword argument of the
-  LM's forward, which transformers passes on to every decoder layer.
+  LM's forward, which transformers passes on to every decoder layer; for the few families whose forward
+  drops extra keyword arguments (MPT, Falcon in transformers 5) a relay carries it there instead
+  (:func:`route_context`).
 - New special tokens get small trainable embedding rows (:class:`ExtendedEmbedding`,
   :class:`ExtendedLMHead`); the LM's own vocabulary stays frozen.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -217,17 +221,17 @@ class _ProbeReachedLayer(Exception):
         self.received = received
 
 
-def check_context_route(lm: nn.Module, layers: nn.ModuleList) -> None:
-    """Check that the LM's forward hands ``flamingo_context`` to its decoder layers; a clear error if not.
+# The context of the LM call in progress, for LMs whose forward drops it (see _install_context_relay).
+_RELAYED_CONTEXT: ContextVar[MediaContext | None] = ContextVar("flamingo_relayed_context", default=None)
 
-    The route relies on transformers passing a causal LM's extra keyword arguments down to every decoder
-    layer. A family whose forward drops them (transformers 5's MPT calls its blocks with fixed arguments)
-    would never call the cross-attention blocks: the images would silently change nothing. The probe runs
-    the LM on one token and stops at the first decoder layer, so it costs an embedding lookup.
-    """
+
+def _probe_context_route(lm: nn.Module, layers: nn.ModuleList) -> bool | None:
+    """Whether ``lm``'s forward hands ``flamingo_context`` to its first decoder layer (None: cannot run yet).
+
+    Runs the LM on one token and stops at the first decoder layer, so it costs an embedding lookup."""
     param = next(lm.parameters(), None)
     if param is None or param.device.type == "meta":
-        return  # nothing to run yet (weights materialised later): the route is the same once they are
+        return None  # nothing to run yet (weights materialised later)
 
     def stop(module, args, kwargs):
         raise _ProbeReachedLayer(kwargs.get(CONTEXT_KWARG) is NO_MEDIA)
@@ -238,17 +242,65 @@ def check_context_route(lm: nn.Module, layers: nn.ModuleList) -> None:
         with torch.no_grad():
             lm(input_ids=torch.zeros(1, 1, dtype=torch.long, device=param.device), **{CONTEXT_KWARG: NO_MEDIA})
     except _ProbeReachedLayer as reached:
-        if reached.received:
-            return
-        raise ValueError(
-            f"{name}'s forward does not pass keyword arguments on to its decoder layers, so the media context would "
-            "never reach the cross-attention blocks (images would change nothing); this LM family is not supported"
-        ) from None
+        return reached.received
     except TypeError as e:
         raise ValueError(f"{name}'s forward does not accept the media context as a keyword argument ({e}); this LM family is not supported") from e
     finally:
         handle.remove()
     raise ValueError(f"{name}'s forward never called its decoder layers ({type(layers[0]).__name__}): pass decoder_layers_attr")
+
+
+def _install_context_relay(lm: nn.Module, layers: nn.ModuleList) -> None:
+    """Carry ``flamingo_context`` from the LM's forward to its decoder layers when the forward drops it.
+
+    transformers 5's MPT and Falcon take ``**kwargs`` in their causal LM's forward but call their blocks
+    with fixed arguments. The LM's (and its base model's) forward is wrapped on the instance to hold the
+    context for the duration of the call (a context variable, reset when the call returns or raises), and
+    a pre-hook on each wrapped layer puts it back into the layer's keyword arguments. The hook runs before
+    the layer's forward, so activation checkpointing (which wraps that forward) records the context with
+    the other arguments and recomputes the layer with it. Still the one context of
+    ``FlamingoModel.media_context``, passed per call; only its transport differs.
+    """
+    for module in dict.fromkeys([lm, getattr(lm, "base_model", lm)]):
+        original = module.forward
+
+        @functools.wraps(original)
+        def forward(*args: Any, _original=original, **kwargs: Any):
+            if CONTEXT_KWARG not in kwargs:  # an inner call (base model) of a relayed outer one
+                return _original(*args, **kwargs)
+            token = _RELAYED_CONTEXT.set(kwargs.pop(CONTEXT_KWARG))
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                _RELAYED_CONTEXT.reset(token)
+
+        module.forward = forward
+
+    def put_back(module, args, kwargs):
+        context = _RELAYED_CONTEXT.get()
+        if context is not None and CONTEXT_KWARG not in kwargs:
+            return args, {**kwargs, CONTEXT_KWARG: context}
+        return None
+
+    for layer in layers:
+        layer.register_forward_pre_hook(put_back, with_kwargs=True)
+
+
+def route_context(lm: nn.Module, layers: nn.ModuleList) -> None:
+    """Make sure the media context reaches every wrapped decoder layer; a clear error where it cannot.
+
+    Most families pass the causal LM's extra keyword arguments down to every decoder layer; for one whose
+    forward drops them (transformers 5's MPT and Falcon) a relay is installed (:func:`_install_context_relay`)
+    and the route probed again, so that no family runs with cross-attention blocks that never see the images.
+    """
+    if _probe_context_route(lm, layers) is not False:
+        return  # reached (or nothing to run yet: weights materialised later)
+    _install_context_relay(lm, layers)
+    if not _probe_context_route(lm, layers):
+        raise ValueError(
+            f"{type(lm).__name__}'s forward does not pass keyword arguments on to its decoder layers, so the media context "
+            "would never reach the cross-attention blocks (images would change nothing); this LM family is not supported"
+        )
 
 
 def add_new_token_rows(lm: nn.Module, num_new: int, first_new_id: int, truncate: bool = False) -> None:
