@@ -3,14 +3,24 @@
 Run with the python of an OpenFlamingo environment (scripts/openflamingo/make_env.sh), not the
 project's: OpenFlamingo 2.0.1 needs transformers < 4.47.
 
-    .venv-openflamingo/bin/python scripts/openflamingo/make_fixture.py --out tests/fixtures/openflamingo
+    .venv-openflamingo/bin/python scripts/openflamingo/make_fixture.py                    # Llama (v1, OpenFlamingo-9B)
+    .venv-openflamingo/bin/python scripts/openflamingo/make_fixture.py --family mpt       # OpenFlamingo-9B-vitl-mpt7b
+    .venv-openflamingo/bin/python scripts/openflamingo/make_fixture.py --family gpt_neox  # OpenFlamingo-4B (RedPajama-3B)
+
+One fixture per LM family OpenFlamingo released, under tests/fixtures/openflamingo (Llama) and
+tests/fixtures/openflamingo-<family>. MPT is transformers' native ``mpt`` (MosaicML's MPT-7B layout, which
+anas-awadalla/mpt-7b has): OpenFlamingo's factory takes it through the same path as the hub's custom MPT
+code (layers ``transformer.blocks``). The MPT-1B models' custom ``mosaic_gpt`` code is not available offline
+and is not covered. MPT and GPT-NeoX get padded vocabularies (embedding rows past the tokenizer's entries)
+as their checkpoints have, which OpenFlamingo's resize cuts off.
 
 Writes, under --out:
-    lm/                     a tiny Llama (save_pretrained) + its Llama-style tokenizer (no OpenFlamingo tokens)
+    lm/                     a tiny LM of the family (save_pretrained) + a tokenizer in its style (no OpenFlamingo tokens)
     vision.safetensors      the tiny open_clip ViT's visual tower state dict (open_clip key names)
     checkpoint.pt           OpenFlamingo's checkpoint, as its training script saves it
                             (filter_state_dict_to_trainable), in bf16
-    embeddings_b.pt         variant B: embedding and LM-head matrices whose *old* rows differ from the LM's
+    embeddings_b.pt         (Llama only) variant B: embedding and LM-head matrices whose *old* rows differ
+                            from the LM's
     tensors.safetensors     inputs (input_ids, attention_mask, vision_x), logits_a / logits_b, greedy
                             generations, and the ViT's patch tokens with and without ln_post
     meta.json               prompts, token ids, versions, settings
@@ -36,6 +46,21 @@ LM_CFG = dict(
     hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
     max_position_embeddings=128, tie_word_embeddings=False, initializer_range=0.3, rms_norm_eps=1e-5,
 )
+# family -> (config class, config kwargs, embedding rows past the tokenizer's entries, BOS prepended)
+FAMILIES = {
+    "llama": ("LlamaConfig", LM_CFG, 0, True),
+    # MPT-7B: ALiBi, no biases, tied embeddings, 50432 rows for 50277 tokens
+    "mpt": ("MptConfig", dict(
+        d_model=16, n_heads=2, n_layers=4, expansion_ratio=2, max_seq_len=128, no_bias=True, initializer_range=0.3,
+        attn_config={"alibi": True, "alibi_bias_max": 8}, tie_word_embeddings=True,
+    ), 20, False),
+    # RedPajama-INCITE-3B / Pythia: rotary on a quarter of each head, parallel attention and MLP, untied
+    # head named embed_out (lm_head since transformers 5), 50432 rows for 50277 tokens
+    "gpt_neox": ("GPTNeoXConfig", dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2, rotary_pct=0.25,
+        use_parallel_residual=True, tie_word_embeddings=False, max_position_embeddings=128, initializer_range=0.3,
+    ), 20, False),
+}
 CROSS_ATTN_EVERY_N_LAYERS = 2
 MAX_NEW_TOKENS = 6
 CORPUS = [
@@ -56,8 +81,9 @@ def bf16_exact(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16).to(t.dtype)
 
 
-def make_tokenizer(directory: Path):
-    """A Llama-style tokenizer: byte-level BPE, <s> prepended, no pad token (OpenFlamingo adds <PAD>)."""
+def make_tokenizer(directory: Path, bos: bool = True):
+    """A Llama-style tokenizer (byte-level BPE, <s> prepended) or, without ``bos``, a GPT-NeoX-style one (nothing
+    prepended); no pad token (OpenFlamingo adds <PAD>)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -66,16 +92,20 @@ def make_tokenizer(directory: Path):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<unk>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS * 4, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     fast.save_pretrained(directory)
     return fast
 
 
-def make_lm(directory: Path, vocab_size: int) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def make_lm(directory: Path, vocab_size: int, family: str = "llama") -> None:
+    import transformers
+    from transformers import AutoModelForCausalLM
 
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, bos_token_id=0, eos_token_id=1, **LM_CFG)).eval()
+    config_class, kwargs, padding, _ = FAMILIES[family]
+    config = getattr(transformers, config_class)(vocab_size=vocab_size + padding, bos_token_id=0, eos_token_id=1, **kwargs)
+    lm = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for p in lm.parameters():
             if p.ndim == 1:  # RMSNorm weights: away from 1 so a missed norm shows
@@ -98,7 +128,7 @@ def register_tiny_vit(directory: Path) -> None:
     open_clip.add_model_config(path)
 
 
-def randomise_bridge(model, new_ids: list[int], vocab_before: int) -> None:
+def randomise_bridge(model, new_ids: list[int], vocab_before: int, head_saved: bool = False) -> None:
     """Nonzero gates, random perceiver / xattn weights and new embedding rows, all bf16-exact."""
     bridge = [model.perceiver] + [m for m in model.lang_encoder.gated_cross_attn_layers if m is not None]
     with torch.no_grad():
@@ -120,7 +150,10 @@ def randomise_bridge(model, new_ids: list[int], vocab_before: int) -> None:
         # parameters whose name contains "embed"): a fresh resize_token_embeddings decides them. Recent
         # transformers put them at the mean of the old rows (plus ~1e-9 noise); pin that exactly.
         head = model.lang_encoder.get_output_embeddings().weight
-        head[new_ids] = head[:vocab_before].mean(0)
+        if head_saved:  # the checkpoint holds the head (GPT-NeoX's embed_out): random rows, loaded from it
+            head[new_ids] = bf16_exact(head[:vocab_before].std() * torch.randn(len(new_ids), head.shape[1]))
+        elif head is not embed:
+            head[new_ids] = head[:vocab_before].mean(0)
 
 
 def vision_patch_tokens(visual, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -144,25 +177,24 @@ def greedy_margins(scores: tuple[torch.Tensor, ...]) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="tests/fixtures/openflamingo")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="llama")
+    parser.add_argument("--out", default=None, help="default: tests/fixtures/openflamingo[-FAMILY]")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     # open_flamingo.train imports wandb at module level; only its checkpoint filter is needed here
     sys.modules.setdefault("wandb", types.ModuleType("wandb"))
-    import open_clip
-    import open_flamingo
-    import transformers
     from open_flamingo import create_model_and_transforms
     from open_flamingo.train.train_utils import filter_state_dict_to_trainable
     from safetensors.torch import save_file
 
     torch.manual_seed(args.seed)
-    out = Path(args.out)
+    family = args.family
+    out = Path(args.out or ("tests/fixtures/openflamingo" + ("" if family == "llama" else f"-{family}")))
     (out / "lm").mkdir(parents=True, exist_ok=True)
-    tokenizer = make_tokenizer(out / "lm")
+    tokenizer = make_tokenizer(out / "lm", bos=FAMILIES[family][3])
     vocab_before = len(tokenizer)
-    make_lm(out / "lm", vocab_before)
+    make_lm(out / "lm", vocab_before, family)
 
     with tempfile.TemporaryDirectory() as tmp:
         register_tiny_vit(Path(tmp))
@@ -176,7 +208,8 @@ def main() -> int:
     model.eval()
     new_ids = list(range(vocab_before, len(of_tokenizer)))
     ids = {t: of_tokenizer.convert_tokens_to_ids(t) for t in ("<|endofchunk|>", "<image>", "<PAD>")}
-    randomise_bridge(model, new_ids, vocab_before)
+    head_saved = family == "gpt_neox"  # OpenFlamingo's checkpoint filter keeps parameters named *embed*
+    randomise_bridge(model, new_ids, vocab_before, head_saved)
 
     visual = model.vision_encoder
     with torch.no_grad():  # open_clip's init leaves LayerNorms at 1/0: randomise so a missed norm shows
@@ -212,6 +245,11 @@ def main() -> int:
     state = filter_state_dict_to_trainable(model, model.state_dict())
     checkpoint = {k: v.detach().to(torch.bfloat16).clone() for k, v in state.items()}
     torch.save(checkpoint, out / "checkpoint.pt")
+    if family != "llama":
+        return finish(out, model, visual, of_tokenizer, checkpoint, counts, margin, ids, vocab_before, args.seed, family, {
+            "input_ids": input_ids, "attention_mask": attention_mask, "vision_x": vision_x, "logits_a": logits_a.float(),
+            "generated": generated, **vision_patch_tokens(visual, vision_x[vision_x.flatten(2).abs().sum(-1) > 0].reshape(-1, 3, size, size)),
+        })
 
     # Variant B: a checkpoint whose old embedding rows differ from the LM's (OpenFlamingo trains the whole
     # input embedding matrix; its FSDP path neither masks those gradients nor spares them weight decay),
@@ -233,12 +271,25 @@ def main() -> int:
         "logits_a": logits_a.float(), "logits_b": logits_b.float(), "generated": generated,
         **vision_patch_tokens(visual, vision_x[vision_x.flatten(2).abs().sum(-1) > 0].reshape(-1, 3, size, size)),
     }
+    return finish(out, model, visual, of_tokenizer, checkpoint, counts, margin, ids, vocab_before, args.seed, family, tensors)
+
+
+def finish(out, model, visual, of_tokenizer, checkpoint, counts, margin, ids, vocab_before, seed, family, tensors) -> int:
+    """Write tensors.safetensors and meta.json."""
+    import open_clip
+    import open_flamingo
+    import transformers
+    from safetensors.torch import save_file
+
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "tensors.safetensors"))
 
     of_keys = sorted(k for k in model.state_dict() if k.startswith(("perceiver.", "lang_encoder.")) and "old_decoder_blocks" not in k and "lang_encoder.gated_cross_attn_layers" not in k)
     meta = {
         "versions": {"open_flamingo": getattr(open_flamingo, "__version__", "2.0.1"), "open_clip": open_clip.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
-        "seed": args.seed,
+        "family": family,
+        "lm_class": type(model.lang_encoder).__name__,
+        "vocab_padding_rows": FAMILIES[family][2],
+        "seed": seed,
         "prompts": PROMPTS,
         "token_ids": ids,
         "tokenizer_length_before": vocab_before,

@@ -5,7 +5,8 @@ An OpenFlamingo ``checkpoint.pt`` holds (``filter_state_dict_to_trainable`` in i
     perceiver.*                                             PerceiverResampler (6 layers, 64 latents, 8x64 heads)
     lang_encoder.<layers>.<i>.gated_cross_attn_layer.*      gated xattn before decoder layer i, (i + 1) % n == 0
     lang_encoder.<input embeddings>.weight                  the whole matrix [len(tokenizer), d], trained
-    lang_encoder.<output embeddings>.weight                 only when its name contains "embed" (GPT-NeoX)
+    lang_encoder.<output embeddings>.weight                 only when its name contains "embed" (GPT-NeoX's
+                                                            embed_out, transformers 5's lm_head), or tied (MPT)
 
 What its architecture fixes, and how our config says it:
 - no LayerNorm on the media keys/values (``xattn_norm_media=False``), GELU feed-forwards (``ff_activation``);
@@ -184,6 +185,35 @@ def _lm_param_keys(lm: nn.Module) -> dict[str, torch.Size]:
     return keys
 
 
+def _lm_key_renamings(lm: nn.Module) -> list:
+    """transformers' own renamings from a checkpoint's LM keys to this version's module names (its
+    ``conversion_mapping``: e.g. GPT-NeoX's ``embed_out`` is ``lm_head`` since transformers 5). OpenFlamingo's
+    checkpoints name the LM's modules as transformers < 4.47 did."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    return [t for t in get_model_conversion_mapping(lm, add_legacy=False) if type(t) is WeightRenaming]
+
+
+def _rename_lm_keys(state: dict[str, torch.Tensor], lm: nn.Module, *, to_openflamingo: bool = False) -> dict[str, torch.Tensor]:
+    """``state`` with its ``lang_encoder.*`` keys renamed from OpenFlamingo's (older transformers') names to
+    this LM's, or back (``to_openflamingo``)."""
+    renamings = _lm_key_renamings(lm)
+    if to_openflamingo:
+        renamings = [t.reverse_transform() for t in reversed(renamings)]
+    if not renamings:
+        return state
+    out = {}
+    for key, value in state.items():
+        if key.startswith("lang_encoder."):
+            name = key[len("lang_encoder."):]
+            for renaming in renamings:
+                name = renaming.rename_source_key(name)[0]
+            key = "lang_encoder." + name
+        out[key] = value
+    return out
+
+
 # ---- OpenFlamingo's tokenizer convention ---------------------------------------------------------
 def add_openflamingo_tokens(tokenizer) -> list[int]:
     """Add the special tokens as OpenFlamingo's factory does (``<|endofchunk|>``, ``<image>``, then ``<PAD>``
@@ -317,7 +347,8 @@ def _load_embeddings(model: FlamingoModel, state: dict[str, torch.Tensor], repor
     embed, head = lm.get_input_embeddings(), lm.get_output_embeddings()
     if not isinstance(embed, ExtendedEmbedding) or not isinstance(head, ExtendedLMHead):
         raise ValueError("the tokenizer already had OpenFlamingo's special tokens: pass the LM's original tokenizer")
-    first_new, rows = embed.first_new_id, embed.num_embeddings
+    # OpenFlamingo resizes the LM to the tokenizer: a padded vocabulary (MPT, GPT-NeoX) loses its rows past it
+    first_new, rows = embed.first_new_id, embed.first_new_id + embed.new.num_embeddings
     out = {}
     old, new = _split_rows(state[_lm_key(lm, embed)], first_new, "input embedding", rows)
     out["new_token_embeddings.weight"] = new
@@ -348,7 +379,7 @@ def _load_embeddings(model: FlamingoModel, state: dict[str, torch.Tensor], repor
 
 def load_openflamingo_weights(model: FlamingoModel, checkpoint: str | os.PathLike | dict[str, torch.Tensor]) -> ConversionReport:
     """Load an OpenFlamingo checkpoint into a model built for it (see :func:`load_openflamingo`)."""
-    state = read_openflamingo_checkpoint(checkpoint)
+    state = _rename_lm_keys(read_openflamingo_checkpoint(checkpoint), model.lm)
     report = ConversionReport()
     bridge, report.ignored_keys = _bridge_state(model, state)
     bridge.update(_load_embeddings(model, state, report))
@@ -413,7 +444,7 @@ def load_openflamingo(
             media_token_id=tokenizer.convert_tokens_to_ids(OF_MEDIA_TOKEN),
             end_of_chunk_token_id=tokenizer.convert_tokens_to_ids(OF_END_OF_CHUNK_TOKEN),
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            save_lm_embeddings=any(_changed_lm_rows(lm_model, state, new_token_ids[0])),
+            save_lm_embeddings=any(_changed_lm_rows(lm_model, _rename_lm_keys(state, lm_model), new_token_ids[0])),
         ),
     })
     model = FlamingoModel(config, lm_model, encoder)
@@ -473,4 +504,4 @@ def export_openflamingo(model: FlamingoModel, *, frame_embs: bool = False, check
             out[_lm_key(lm, head)] = _full_matrix(head.base.weight, head.new_weight, head.first_new_id).detach().cpu()
     else:
         out[_lm_key(lm, embed)] = embed.weight.detach().float().cpu().clone()
-    return out
+    return _rename_lm_keys(out, lm, to_openflamingo=True)
