@@ -150,3 +150,59 @@ def test_convert_commands_round_trip(family, tmp_path, capsys):
     exported = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert all(torch.equal(exported[k], v.float()) for k, v in fixture.checkpoint.items() if k in exported)
     assert set(fixture.checkpoint) - set(exported) <= {"lang_encoder.lm_head.weight"}
+
+
+# ---- the converter's papercuts -------------------------------------------------------------------------------
+def _convert_args(fixture: Fixture, out, **changes) -> list[str]:
+    args = {"--lm": str(fixture.dir / "lm"), "--vision": str(fixture.dir / "vision.safetensors"), "--vision-head-width": "4", "--out": str(out), **changes}
+    return ["convert", "openflamingo", changes.pop("checkpoint", str(fixture.dir / "checkpoint.pt")), *[x for kv in args.items() for x in kv]]
+
+
+def test_a_vision_typo_says_file_not_found_and_leaves_nothing(tmp_path, capsys):
+    fixture = Fixture("gpt_neox")
+    out = tmp_path / "out"
+    assert main(_convert_args(fixture, out, **{"--vision": str(fixture.dir / "vison.safetensors")})) == 2
+    err = capsys.readouterr().err
+    assert "vison.safetensors" in err and "no such file" in err and "cannot tell" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_conversion_leaves_no_partial_output(tmp_path, capsys):
+    """The vision model is written before the LM is found not to fit: none of it may remain."""
+    fixture = Fixture("gpt_neox")
+    out = tmp_path / "out"
+    assert main(_convert_args(fixture, out, **{"--lm": str(FAMILIES["mpt"] / "lm")})) == 2
+    assert "wrong --lm" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    (out / "old").mkdir(parents=True)  # a non-empty --out is refused, not merged into
+    assert main(_convert_args(fixture, out)) == 2
+    assert "exists and is not an empty directory" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["old"]
+
+
+def test_dtype_is_recorded_and_the_model_reloads_in_it(tmp_path):
+    fixture = Fixture("mpt")
+    out = tmp_path / "bf16"
+    assert main(_convert_args(fixture, out, **{"--dtype": "bfloat16"})) == 0
+    assert json.loads((out / "flamingo_config.json").read_text())["lm_dtype"] == "bfloat16"
+    model, _ = load_flamingo(out)  # the LM's checkpoint is float32: without the record it would load so
+    assert model.lm.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for _, p in model.trainable_parameters())
+    model, _ = load_flamingo(out, lm_kwargs={"dtype": torch.float32})  # an explicit choice still wins
+    assert model.lm.get_input_embeddings().weight.dtype == torch.float32
+
+
+def test_saved_tokenizers_name_a_class_openflamingos_transformers_has(tmp_path):
+    """transformers 5 writes tokenizer_class "TokenizersBackend", which transformers < 4.47 cannot load (checked in
+    OpenFlamingo's env: PreTrainedTokenizerFast loads there with the same ids)."""
+    from transformers import AutoTokenizer
+
+    fixture = Fixture("llama")
+    out = tmp_path / "converted"
+    assert main(_convert_args(fixture, out)) == 0
+    assert main(["convert", "to-openflamingo", str(out), "--out", str(tmp_path / "export" / "checkpoint.pt")]) == 0
+    for directory in (out, tmp_path / "export" / "checkpoint_tokenizer"):
+        assert json.loads((directory / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        ids = tokenizer(fixture.meta["prompts"][0])["input_ids"]
+        assert ids == [i for i in fixture.tensors["input_ids"][0].tolist() if i != fixture.meta["token_ids"]["<PAD>"]]

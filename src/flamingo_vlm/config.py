@@ -93,6 +93,9 @@ class FlamingoConfig:
     end_of_chunk_token_id: int | None = None
     pad_token_id: int | None = None
     eos_token_id: int | None = None
+    # The dtype the LM named by lm_name_or_path is loaded in (None: transformers' default, the checkpoint's own).
+    # ``flamingo convert openflamingo --dtype`` records its choice here, so the model reloads as converted.
+    lm_dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
     def __post_init__(self) -> None:
         # a frozen dataclass sets its own fields only through object.__setattr__
@@ -110,6 +113,8 @@ class FlamingoConfig:
         for name in ("resampler_depth", "resampler_num_latents", "resampler_heads", "xattn_heads", "max_num_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lm_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"lm_dtype must be 'float32', 'bfloat16', 'float16' or None, got {self.lm_dtype!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

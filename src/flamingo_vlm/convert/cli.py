@@ -24,27 +24,54 @@ def _vision(args: argparse.Namespace, out: Path):
     return args.vision, args.vision_type, {}
 
 
+def _check_local_path(path: str, what: str) -> None:
+    """A ``--vision``/``--checkpoint`` that can only be a local path (a state-dict file name, or a path that is
+    absolute or starts with ./ ../ ~) but does not exist: say so, before anything tries it as a hub name."""
+    explicit = path.endswith(STATE_DICT_SUFFIXES) or path.startswith(("/", "./", "../", "~")) or path.count("/") > 1
+    if explicit and not os.path.exists(os.path.expanduser(path)):
+        raise FileNotFoundError(f"{what} {path!r}: no such file or directory")
+
+
 def cmd_from_openflamingo(args: argparse.Namespace) -> int:
+    """Convert into a temporary directory beside --out, renamed to --out once everything is written: a failed
+    conversion leaves nothing behind."""
+    import shutil
+    import tempfile
+
     import torch
 
-    from .openflamingo import load_openflamingo
+    from .openflamingo import load_openflamingo, make_tokenizer_loadable_by_openflamingo
 
+    if not os.path.isfile(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint {args.checkpoint!r}: no such file")
+    _check_local_path(args.vision, "--vision")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    vision, vision_type, vision_kwargs = _vision(args, out)
-    lm_kwargs = {"dtype": getattr(torch, args.dtype)}
-    if args.trust_remote_code:
-        lm_kwargs["trust_remote_code"] = True
-    model, processor, report = load_openflamingo(
-        args.checkpoint, args.lm, vision, args.tokenizer, vision_type=vision_type, vision_post_norm=args.vision_post_norm,
-        lm_kwargs=lm_kwargs, vision_kwargs=vision_kwargs,
-    )
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {str(out)!r} exists and is not an empty directory: remove it or choose another")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=out.parent))
+    try:
+        vision, vision_type, vision_kwargs = _vision(args, work)
+        lm_kwargs = {"dtype": getattr(torch, args.dtype)}
+        if args.trust_remote_code:
+            lm_kwargs["trust_remote_code"] = True
+        model, processor, report = load_openflamingo(
+            args.checkpoint, args.lm, vision, args.tokenizer, vision_type=vision_type, vision_post_norm=args.vision_post_norm,
+            lm_kwargs=lm_kwargs, vision_kwargs=vision_kwargs,
+        )
+        model.save_pretrained(work)  # a vision model under work/vision is recorded relative to it
+        processor.save_pretrained(work)
+        make_tokenizer_loadable_by_openflamingo(work)  # the docs give this directory as OpenFlamingo's tokenizer_path
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     c = model.config
     print(
         f"converted {args.checkpoint} -> {out}: xattn every {c.cross_attn_every_n_layers} layer(s) ({len(model.xattn_blocks)} blocks), "
-        f"<image>={c.media_token_id} <|endofchunk|>={c.end_of_chunk_token_id}"
+        f"<image>={c.media_token_id} <|endofchunk|>={c.end_of_chunk_token_id}, LM in {c.lm_dtype}"
     )
     for line in report.lines():
         print(f"  note: {line}")
@@ -52,16 +79,21 @@ def cmd_from_openflamingo(args: argparse.Namespace) -> int:
 
 
 def cmd_to_openflamingo(args: argparse.Namespace) -> int:
+    """Write the checkpoint and, beside it, the tokenizer in a form OpenFlamingo's transformers loads."""
     import torch
 
     from .. import load_flamingo
-    from .openflamingo import export_openflamingo
+    from .openflamingo import export_openflamingo, make_tokenizer_loadable_by_openflamingo
 
-    model, _ = load_flamingo(args.model)
+    model, processor = load_flamingo(args.model)
     state = export_openflamingo(model, frame_embs=args.frame_embs, check_architecture=not args.any_architecture)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, args.out)
-    print(f"wrote {len(state)} tensors in OpenFlamingo's layout to {args.out}; its tokenizer is in {args.model}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, out)
+    tokenizer_dir = Path(args.tokenizer_out) if args.tokenizer_out else out.with_name(out.stem + "_tokenizer")
+    processor.tokenizer.save_pretrained(tokenizer_dir)
+    make_tokenizer_loadable_by_openflamingo(tokenizer_dir)
+    print(f"wrote {len(state)} tensors in OpenFlamingo's layout to {out}; its tokenizer (OpenFlamingo's tokenizer_path) to {tokenizer_dir}")
     return 0
 
 
@@ -89,13 +121,17 @@ def add_convert_parser(sub) -> None:
         help="apply ln_post to the patch tokens, as OpenFlamingo does when run with open_clip >= 2.23 (its released "
         "models were trained without)",
     )
-    of.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of the LM")
+    of.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+        help="dtype of the LM, recorded in the saved config (load_flamingo loads it so again); the bridge stays float32",
+    )
     of.add_argument("--trust-remote-code", action="store_true", help="for LMs with custom code (e.g. mpt-1b-redpajama-200b)")
     of.set_defaults(func=cmd_from_openflamingo)
 
     to = conv_sub.add_parser("to-openflamingo", help="a save_pretrained directory -> an OpenFlamingo checkpoint.pt")
     to.add_argument("model", help="a directory written by FlamingoModel.save_pretrained")
     to.add_argument("--out", required=True, help="checkpoint file to write (torch.save of a state dict)")
+    to.add_argument("--tokenizer-out", default=None, help="directory for the tokenizer (default: OUT's name + _tokenizer, beside it)")
     to.add_argument("--frame-embs", action="store_true", help="write the resampler's time embeddings as perceiver.frame_embs")
     to.add_argument("--any-architecture", action="store_true", help="skip the check against the sizes OpenFlamingo's factory builds")
     to.set_defaults(func=cmd_to_openflamingo)

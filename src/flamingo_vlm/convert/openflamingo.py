@@ -238,6 +238,28 @@ def _load_tokenizer(tokenizer: Any, lm: Any, lm_kwargs: dict[str, Any]):
     return AutoTokenizer.from_pretrained(source, trust_remote_code=bool(lm_kwargs.get("trust_remote_code", False)))
 
 
+# transformers 5's generic fast tokenizer class, which transformers < 4.47 (OpenFlamingo's) does not know; both
+# load the same tokenizer.json as PreTrainedTokenizerFast.
+_TOKENIZER_CLASSES_FOR_OPENFLAMINGO = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def make_tokenizer_loadable_by_openflamingo(directory: str | os.PathLike) -> None:
+    """Rewrite a saved tokenizer's ``tokenizer_class`` in ``directory`` to one OpenFlamingo's transformers (< 4.47)
+    can load, where transformers 5 wrote a class only it has; both versions then load the same tokenizer."""
+    import json
+
+    path = os.path.join(directory, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        config = json.load(f)
+    old = config.get("tokenizer_class")
+    if old in _TOKENIZER_CLASSES_FOR_OPENFLAMINGO:
+        config["tokenizer_class"] = _TOKENIZER_CLASSES_FOR_OPENFLAMINGO[old]
+        with open(path, "w") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+
+
 # ---- load ----------------------------------------------------------------------------------------
 def _split_rows(matrix: torch.Tensor, first_new: int, name: str, expected_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     if matrix.shape[0] != expected_rows:
@@ -390,6 +412,13 @@ def load_openflamingo_weights(model: FlamingoModel, checkpoint: str | os.PathLik
     return report
 
 
+def _dtype_name(dtype: Any) -> str | None:
+    """``torch.bfloat16`` / ``"bfloat16"`` -> ``"bfloat16"`` (recorded in the config); None or "auto" -> None."""
+    if dtype is None or dtype == "auto":
+        return None
+    return str(dtype).removeprefix("torch.")
+
+
 def load_openflamingo(
     checkpoint: str | os.PathLike | dict[str, torch.Tensor],
     lm: Any,
@@ -445,6 +474,7 @@ def load_openflamingo(
             end_of_chunk_token_id=tokenizer.convert_tokens_to_ids(OF_END_OF_CHUNK_TOKEN),
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
             save_lm_embeddings=any(_changed_lm_rows(lm_model, _rename_lm_keys(state, lm_model), new_token_ids[0])),
+            lm_dtype=_dtype_name(lm_kwargs.get("dtype")),
         ),
     })
     model = FlamingoModel(config, lm_model, encoder)

@@ -35,12 +35,16 @@ def load_backbones(
     lm_kwargs: dict[str, Any] | None = None,
     vision_kwargs: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, VisionEncoder]:
-    """The LM and vision encoder named by ``config`` (or the given objects/paths instead)."""
+    """The LM and vision encoder named by ``config`` (or the given objects/paths instead); a named LM is loaded in
+    ``config.lm_dtype`` unless ``lm_kwargs`` say otherwise."""
     lm = lm if lm is not None else config.lm_name_or_path
     vision = vision if vision is not None else config.vision_name_or_path
     if lm is None or vision is None:
         raise ValueError("the config names no LM / vision encoder path: pass lm= and vision=")
-    lm_model = load_lm(lm, **(lm_kwargs or {}))
+    lm_kwargs = dict(lm_kwargs or {})
+    if config.lm_dtype is not None and not isinstance(lm, nn.Module):
+        lm_kwargs.setdefault("dtype", getattr(torch, config.lm_dtype))  # the dtype it was built / converted in
+    lm_model = load_lm(lm, **lm_kwargs)
     encoder = load_vision_encoder(
         vision, config.vision_type, feature_layer=config.vision_feature_layer, post_norm=config.vision_post_norm, **(vision_kwargs or {})
     )
