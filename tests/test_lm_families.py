@@ -281,14 +281,16 @@ def test_relayed_context_survives_activation_checkpointing(family):
         torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5, msg=name)
 
 
-class _FixedArgumentsLM(torch.nn.Module):
-    """A causal LM whose forward takes no extra keyword arguments at all (custom code of that kind)."""
+class _CustomCodeLM(torch.nn.Module):
+    """A causal LM as custom (``trust_remote_code``) code may write one: a forward with a fixed signature (no
+    ``**kwargs``, as MosaicGPT's for OpenFlamingo-3B's MPT-1B), and optionally a layer loop that calls each
+    block's ``forward`` method directly instead of the module."""
 
-    def __init__(self, vocab: int) -> None:
+    def __init__(self, call_forward_directly: bool = False) -> None:
         super().__init__()
         self.inner = bare_lm("llama3.1")
         self.config = self.inner.config
-        self.inner.config.vocab_size = vocab
+        self.call_forward_directly = call_forward_directly
 
     def get_input_embeddings(self):
         return self.inner.get_input_embeddings()
@@ -305,11 +307,29 @@ class _FixedArgumentsLM(torch.nn.Module):
     def prepare_inputs_for_generation(self, input_ids, **kwargs):
         return {"input_ids": input_ids}
 
-    def forward(self, input_ids, attention_mask=None):
-        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+    def forward(self, input_ids, attention_mask=None, cache=None, use_cache=False, position_ids=None):
+        if not self.call_forward_directly:
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        model = self.inner.model
+        hidden = model.embed_tokens(input_ids)
+        positions = torch.arange(input_ids.shape[1])[None]
+        rotary = model.rotary_emb(hidden, positions)
+        for layer in model.layers:
+            hidden = layer.forward(hidden, position_embeddings=rotary)
+        return self.inner.lm_head(model.norm(hidden))
 
 
-def test_a_family_the_context_cannot_reach_is_refused():
-    lm = _FixedArgumentsLM(TOKENIZER_LEN)
-    with pytest.raises(ValueError, match="_FixedArgumentsLM's forward does not accept the media context"):
-        build_flamingo(lm, make_tiny_clip(), make_tokenizer(), **SMALL_BRIDGE)
+def test_a_custom_forward_without_keyword_arguments_gets_the_context_relayed():
+    model, processor = build_flamingo(_CustomCodeLM(), make_tiny_clip(), make_tokenizer(), **SMALL_BRIDGE)
+    randomize_bridge(model)
+    calls = []
+    for block in model.xattn_blocks:
+        block.register_forward_hook(lambda module, args, out: calls.append(len(args)))
+    with torch.no_grad():
+        model(**_prompts(processor))
+    assert calls == [3] * len(model.xattn_blocks)
+
+
+def test_an_lm_the_context_cannot_reach_is_refused():
+    with pytest.raises(ValueError, match="_CustomCodeLM's forward never called its decoder layers .* as modules"):
+        build_flamingo(_CustomCodeLM(call_forward_directly=True), make_tiny_clip(), make_tokenizer(), **SMALL_BRIDGE)

@@ -228,7 +228,8 @@ _RELAYED_CONTEXT: ContextVar[MediaContext | None] = ContextVar("flamingo_relayed
 def _probe_context_route(lm: nn.Module, layers: nn.ModuleList) -> bool | None:
     """Whether ``lm``'s forward hands ``flamingo_context`` to its first decoder layer (None: cannot run yet).
 
-    Runs the LM on one token and stops at the first decoder layer, so it costs an embedding lookup."""
+    Runs the LM on one token and stops at the first decoder layer, so it costs an embedding lookup. A forward
+    that does not take the keyword at all (custom code with a fixed signature) raises its TypeError."""
     param = next(lm.parameters(), None)
     if param is None or param.device.type == "meta":
         return None  # nothing to run yet (weights materialised later)
@@ -237,17 +238,17 @@ def _probe_context_route(lm: nn.Module, layers: nn.ModuleList) -> bool | None:
         raise _ProbeReachedLayer(kwargs.get(CONTEXT_KWARG) is NO_MEDIA)
 
     handle = layers[0].register_forward_pre_hook(stop, with_kwargs=True)
-    name = type(lm).__name__
     try:
         with torch.no_grad():
             lm(input_ids=torch.zeros(1, 1, dtype=torch.long, device=param.device), **{CONTEXT_KWARG: NO_MEDIA})
     except _ProbeReachedLayer as reached:
         return reached.received
-    except TypeError as e:
-        raise ValueError(f"{name}'s forward does not accept the media context as a keyword argument ({e}); this LM family is not supported") from e
     finally:
         handle.remove()
-    raise ValueError(f"{name}'s forward never called its decoder layers ({type(layers[0]).__name__}): pass decoder_layers_attr")
+    raise ValueError(
+        f"{type(lm).__name__}'s forward never called its decoder layers ({type(layers[0]).__name__}) as modules: pass "
+        "decoder_layers_attr if these are not its decoder layers; an LM that calls their forward methods directly is not supported"
+    )
 
 
 def _install_context_relay(lm: nn.Module, layers: nn.ModuleList) -> None:
@@ -289,17 +290,26 @@ def _install_context_relay(lm: nn.Module, layers: nn.ModuleList) -> None:
 def route_context(lm: nn.Module, layers: nn.ModuleList) -> None:
     """Make sure the media context reaches every wrapped decoder layer; a clear error where it cannot.
 
-    Most families pass the causal LM's extra keyword arguments down to every decoder layer; for one whose
-    forward drops them (transformers 5's MPT and Falcon) a relay is installed (:func:`_install_context_relay`)
-    and the route probed again, so that no family runs with cross-attention blocks that never see the images.
+    Most families pass the causal LM's extra keyword arguments down to every decoder layer. For one whose
+    forward drops them (transformers 5's MPT and Falcon) or does not take them (custom code with a fixed
+    signature) a relay is installed (:func:`_install_context_relay`) and the route probed again, so that no
+    family runs with cross-attention blocks that never see the images.
     """
-    if _probe_context_route(lm, layers) is not False:
-        return  # reached (or nothing to run yet: weights materialised later)
+    try:
+        if _probe_context_route(lm, layers) is not False:
+            return  # reached (or nothing to run yet: weights materialised later)
+    except TypeError:
+        pass  # the forward does not take the keyword: the relay takes it off before the forward runs
     _install_context_relay(lm, layers)
-    if not _probe_context_route(lm, layers):
+    name = type(lm).__name__
+    try:
+        reached = _probe_context_route(lm, layers)
+    except TypeError as e:
+        raise ValueError(f"{name}'s forward fails with the media context relayed to its decoder layers ({e}); this LM is not supported") from e
+    if not reached:
         raise ValueError(
-            f"{type(lm).__name__}'s forward does not pass keyword arguments on to its decoder layers, so the media context "
-            "would never reach the cross-attention blocks (images would change nothing); this LM family is not supported"
+            f"{name}'s forward does not pass keyword arguments on to its decoder layers, and relaying them failed: the media "
+            "context would never reach the cross-attention blocks (images would change nothing); this LM is not supported"
         )
 
 
