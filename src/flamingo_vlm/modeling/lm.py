@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
 from contextvars import ContextVar
 from typing import Any
@@ -221,8 +220,8 @@ class _ProbeReachedLayer(Exception):
         self.received = received
 
 
-# The context of the LM call in progress, for LMs whose forward drops it (see _install_context_relay).
-_RELAYED_CONTEXT: ContextVar[MediaContext | None] = ContextVar("flamingo_relayed_context", default=None)
+# The media contexts of the relayed LM calls in progress, innermost last (see _install_context_relay).
+_RELAYED_CONTEXTS: ContextVar[tuple[MediaContext | None, ...]] = ContextVar("flamingo_relayed_contexts", default=())
 
 
 def _probe_context_route(lm: nn.Module, layers: nn.ModuleList) -> bool | None:
@@ -255,32 +254,35 @@ def _install_context_relay(lm: nn.Module, layers: nn.ModuleList) -> None:
     """Carry ``flamingo_context`` from the LM's forward to its decoder layers when the forward drops it.
 
     transformers 5's MPT and Falcon take ``**kwargs`` in their causal LM's forward but call their blocks
-    with fixed arguments. The LM's (and its base model's) forward is wrapped on the instance to hold the
-    context for the duration of the call (a context variable, reset when the call returns or raises), and
-    a pre-hook on each wrapped layer puts it back into the layer's keyword arguments. The hook runs before
-    the layer's forward, so activation checkpointing (which wraps that forward) records the context with
-    the other arguments and recomputes the layer with it. Still the one context of
-    ``FlamingoModel.media_context``, passed per call; only its transport differs.
+    with fixed arguments; custom code may not take the keyword at all. Hooks on the LM (and its base model,
+    which the fused loss calls) take the context off the call's keyword arguments and hold it for the
+    duration of the call (a context variable, so threads and nested calls keep theirs; popped when the call
+    returns or raises); a pre-hook on each wrapped layer puts it back into the layer's keyword arguments.
+    That hook runs before the layer's forward, so activation checkpointing (which wraps that forward)
+    records the context with the other arguments and recomputes the layer with it. It is still the one
+    context of ``FlamingoModel.media_context``, passed per call; only its transport differs.
     """
+
+    def push(module, args, kwargs):
+        stack = _RELAYED_CONTEXTS.get()
+        # a call without the keyword (the base model inside a relayed LM call) inherits the outer context
+        context = kwargs.get(CONTEXT_KWARG, stack[-1] if stack else None)
+        _RELAYED_CONTEXTS.set(stack + (context,))
+        if CONTEXT_KWARG in kwargs:
+            return args, {k: v for k, v in kwargs.items() if k != CONTEXT_KWARG}
+        return None
+
+    def pop(module, args, kwargs, output):
+        _RELAYED_CONTEXTS.set(_RELAYED_CONTEXTS.get()[:-1])
+
     for module in dict.fromkeys([lm, getattr(lm, "base_model", lm)]):
-        original = module.forward
-
-        @functools.wraps(original)
-        def forward(*args: Any, _original=original, **kwargs: Any):
-            if CONTEXT_KWARG not in kwargs:  # an inner call (base model) of a relayed outer one
-                return _original(*args, **kwargs)
-            token = _RELAYED_CONTEXT.set(kwargs.pop(CONTEXT_KWARG))
-            try:
-                return _original(*args, **kwargs)
-            finally:
-                _RELAYED_CONTEXT.reset(token)
-
-        module.forward = forward
+        module.register_forward_pre_hook(push, with_kwargs=True)
+        module.register_forward_hook(pop, with_kwargs=True, always_call=True)
 
     def put_back(module, args, kwargs):
-        context = _RELAYED_CONTEXT.get()
-        if context is not None and CONTEXT_KWARG not in kwargs:
-            return args, {**kwargs, CONTEXT_KWARG: context}
+        stack = _RELAYED_CONTEXTS.get()
+        if stack and stack[-1] is not None and CONTEXT_KWARG not in kwargs:
+            return args, {**kwargs, CONTEXT_KWARG: stack[-1]}
         return None
 
     for layer in layers:
