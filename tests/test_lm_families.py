@@ -172,6 +172,18 @@ def test_gate_zero_is_the_bare_lm(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_new_tokens_start_at_the_mean_embedded_token(family):
+    """The new rows embed as the mean of the LM's own embedded vocabulary, whatever the embedding module does
+    to its rows (Gemma 3 scales them by sqrt(d))."""
+    model, _ = build(family)
+    embed = model.lm.get_input_embeddings()
+    with torch.no_grad():  # the mean over every row the LM has (padding rows too), as the new rows start
+        mean = embed.base(torch.arange(embed.base.weight.shape[0])[None])[0].mean(0)
+        new = embed(torch.arange(TOKENIZER_LEN, TOKENIZER_LEN + NUM_NEW)[None])[0]
+    torch.testing.assert_close(new, mean.expand_as(new), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_every_block_receives_the_media(family):
     """Fails for a family whose layers do not get the media context: each block must attend to the images."""
     model, processor = build(family)

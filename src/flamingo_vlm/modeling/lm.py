@@ -140,6 +140,9 @@ class ExtendedEmbedding(nn.Module):
         if not bool(is_new.any()):
             return base
         new = self.new((input_ids - self.first_new_id).clamp(0, self.new.num_embeddings - 1)).to(base.dtype)
+        scale = getattr(self.base, "embed_scale", None)
+        if isinstance(scale, torch.Tensor):  # an embedding that scales its rows (Gemma 3): the new rows alike
+            new = new * scale.to(new.dtype)
         return torch.where(is_new[..., None], new, base)
 
 
