@@ -237,6 +237,7 @@ def _load_hf(name_or_path, vision_type: str, feature_layer: int, **kwargs) -> Vi
     import transformers
 
     model_cls = transformers.CLIPVisionModel if vision_type == "clip" else transformers.SiglipVisionModel
+    _refuse_naflex(_model_type(name_or_path), name_or_path)
     if isinstance(name_or_path, nn.Module):
         model, path = name_or_path, getattr(name_or_path, "name_or_path", None)
         model = getattr(model, "vision_model", model) if not isinstance(model, model_cls) else model
@@ -320,13 +321,33 @@ VISION_LOADERS: dict[str, Callable[..., VisionEncoder]] = {
 }
 
 
+def _model_type(name_or_path) -> str | None:
+    """The transformers ``model_type`` of a model object or a local checkpoint directory (None otherwise)."""
+    if isinstance(name_or_path, nn.Module):
+        return getattr(getattr(name_or_path, "config", None), "model_type", None)
+    if (Path(str(name_or_path)) / "config.json").is_file():
+        return json.loads((Path(str(name_or_path)) / "config.json").read_text()).get("model_type")
+    return None
+
+
+def _refuse_naflex(model_type: str | None, name_or_path) -> None:
+    """SigLIP 2's NaFlex models (``Siglip2VisionModel``) take each image at its own aspect ratio, as a
+    variable-length patch sequence with ``pixel_attention_mask`` / ``spatial_shapes``: a batch of fixed-size
+    [N, C, H, W] images cannot give them the pixels they were trained with. The fixed-resolution SigLIP 2
+    checkpoints (``google/siglip2-*-patch16-224`` ... ``-512``) are ``SiglipVisionModel``s and work."""
+    if model_type and model_type.startswith("siglip2"):
+        name = getattr(name_or_path, "name_or_path", None) or type(name_or_path).__name__ if isinstance(name_or_path, nn.Module) else name_or_path
+        raise ValueError(
+            f"{name!s} is a SigLIP 2 NaFlex model (model_type={model_type!r}), which takes variable-resolution patch "
+            f"sequences (pixel_attention_mask, spatial_shapes), not fixed-size images: not supported. Use a fixed-resolution "
+            f"SigLIP 2 checkpoint (e.g. google/siglip2-so400m-patch14-384, a SiglipVisionModel) with vision_type='siglip'"
+        )
+
+
 def guess_vision_type(name_or_path) -> str:
     """'clip' or 'siglip' from a transformers model object or a directory's config.json."""
-    model_type = None
-    if isinstance(name_or_path, nn.Module):
-        model_type = getattr(getattr(name_or_path, "config", None), "model_type", None)
-    elif (Path(str(name_or_path)) / "config.json").is_file():
-        model_type = json.loads((Path(str(name_or_path)) / "config.json").read_text()).get("model_type")
+    model_type = _model_type(name_or_path)
+    _refuse_naflex(model_type, name_or_path)
     if model_type and "siglip" in model_type:
         return "siglip"
     if model_type and "clip" in model_type:
