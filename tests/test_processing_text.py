@@ -3,7 +3,7 @@
 Property-style over random texts holding the tokenizers' special strings, for tokenizers of the four
 layouts real LMs ship (built here from a BPE trained on a few sentences, no download): SentencePiece-style
 Llama (Metaspace, prepend "first"), GPT-2 and GPT-NeoX byte-level BPE, and OPT (GPT-2 BPE whose BOS is
-``</s>``, added in front of every text).
+``</s>``, added in front of every text); and a "slow" tokenizer without a ``tokenizers`` backend.
 """
 
 import json
@@ -67,7 +67,43 @@ def _opt():
     return GPT2Tokenizer(vocab, merges, bos_token="</s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>", add_bos_token=True)
 
 
-TOKENIZERS = {"llama": _llama, "gpt2": _gpt2, "gpt_neox": _neox, "opt": _opt, "tiny": make_tokenizer}
+def _slow():
+    """A character-level tokenizer without a `tokenizers` backend (transformers' PythonBackend, as custom
+    remote-code tokenizers are), adding BOS."""
+    from transformers.tokenization_python import PythonBackend
+
+    class CharTokenizer(PythonBackend):
+        def __init__(self, **kwargs):
+            self._chars = ["<unk>", "<s>", "</s>"] + list(string.printable)
+            self._ids = {c: i for i, c in enumerate(self._chars)}
+            super().__init__(bos_token="<s>", eos_token="</s>", unk_token="<unk>", **kwargs)
+
+        @property
+        def vocab_size(self):
+            return len(self._chars)
+
+        def get_vocab(self):
+            return {**self._ids, **self.added_tokens_encoder}
+
+        def _tokenize(self, text, **kwargs):
+            return list(text)
+
+        def _convert_token_to_id(self, token):
+            return self._ids.get(token, 0)
+
+        def _convert_id_to_token(self, index):
+            return self._chars[index]
+
+        def convert_tokens_to_string(self, tokens):
+            return "".join(tokens)
+
+        def build_inputs_with_special_tokens(self, ids, pair=None):
+            return [self.bos_token_id] + ids + (pair or [])
+
+    return CharTokenizer()
+
+
+TOKENIZERS = {"llama": _llama, "gpt2": _gpt2, "gpt_neox": _neox, "opt": _opt, "tiny": make_tokenizer, "slow": _slow}
 
 
 @pytest.fixture(scope="module", params=sorted(TOKENIZERS))

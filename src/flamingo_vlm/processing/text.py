@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from typing import Any, Sequence
 
 SPECIAL_TOKENS_IN_TEXT = ("allow", "escape", "refuse")
@@ -28,7 +29,12 @@ SPECIAL_TOKENS_IN_TEXT = ("allow", "escape", "refuse")
 
 class PromptTokenizer:
     """``tokenizer(texts, **kwargs)`` under a :data:`SPECIAL_TOKENS_IN_TEXT` policy; the same return value
-    (a ``BatchEncoding``). ``markers``: token strings that are prompt syntax (always their token)."""
+    (a ``BatchEncoding``). ``markers``: token strings that are prompt syntax (always their token).
+
+    A tokenizer without a ``tokenizers`` backend (a Python "slow" one, e.g. remote code) is escaped piece by
+    piece: the text is cut at the markers, each piece tokenised with ``split_special_tokens=True`` (the slow
+    tokenizer tokenises the pieces between added tokens separately too), the template added around it.
+    """
 
     def __init__(self, tokenizer, markers: Sequence[str], special_tokens_in_text: str = "allow") -> None:
         if special_tokens_in_text not in SPECIAL_TOKENS_IN_TEXT:
@@ -36,28 +42,23 @@ class PromptTokenizer:
         self.tokenizer = tokenizer
         self.policy = special_tokens_in_text
         self.markers = tuple(markers)
-        marker_ids = set(tokenizer.convert_tokens_to_ids(list(self.markers)))
+        self.marker_ids = dict(zip(self.markers, tokenizer.convert_tokens_to_ids(list(self.markers))))
         added = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()}
         special = dict(zip(tokenizer.all_special_ids, tokenizer.all_special_tokens))
         # id -> token string of every special/added token that text must not produce (the markers may)
-        self.protected: dict[int, str] = {i: t for i, t in {**added, **special}.items() if i not in marker_ids}
-        self._escaping = None
-        if self.policy != "allow":
-            backend = getattr(tokenizer, "backend_tokenizer", None)
-            if backend is None:
-                raise ValueError(
-                    f"special_tokens_in_text={self.policy!r} needs a tokenizer backed by the `tokenizers` library "
-                    f"(transformers' TokenizersBackend); {type(tokenizer).__name__} is not"
-                )
-            if self.policy == "escape":
-                self._escaping = _escaping_copy(tokenizer, self.markers)
+        self.protected: dict[int, str] = {i: t for i, t in {**added, **special}.items() if i not in self.marker_ids.values()}
+        self._marker_split = re.compile("(" + "|".join(re.escape(m) for m in self.markers) + ")")
+        self._fast = getattr(tokenizer, "backend_tokenizer", None) is not None
+        self._escaping = _escaping_copy(tokenizer, self.markers) if self.policy == "escape" and self._fast else None
 
     def __call__(self, texts: str | list[str], **kwargs: Any):
         if self.policy == "allow":
             return self.tokenizer(texts, **kwargs)
         if self.policy == "refuse":
-            self.check(texts, add_special_tokens=kwargs.get("add_special_tokens", True))
+            self.check(texts)
             return self.tokenizer(texts, split_special_tokens=False, **kwargs)
+        if not self._fast:
+            return self._escape_by_pieces(texts, **kwargs)
         enc = self._escaping(texts, split_special_tokens=True, return_offsets_mapping=True, **kwargs)
         offsets = enc.pop("offset_mapping")
         # Safety net: a vocabulary whose merges rebuild a special token from its characters would still
@@ -67,13 +68,17 @@ class PromptTokenizer:
             raise ValueError(f"escaping special tokens failed: the tokenizer's vocabulary turns text into {found[0][2]!r} anyway")
         return enc
 
-    def check(self, texts: str | list[str], *, add_special_tokens: bool = True) -> None:
+    def check(self, texts: str | list[str]) -> None:
         """Raise ``ValueError`` if a text holds one of the tokenizer's special/added tokens (other than the markers)."""
-        enc = self.tokenizer(texts, split_special_tokens=False, return_offsets_mapping=True, add_special_tokens=add_special_tokens)
-        found = self._typed(texts, enc["input_ids"], enc["offset_mapping"])
+        batch = [texts] if isinstance(texts, str) else list(texts)
+        if self._fast:
+            enc = self.tokenizer(batch, split_special_tokens=False, return_offsets_mapping=True, add_special_tokens=False)
+            found = self._typed(batch, enc["input_ids"], enc["offset_mapping"])
+        else:
+            found = [hit for row, text in enumerate(batch) for hit in self._typed_in_pieces(row, text)]
         if found:
             row, start, token = found[0]
-            where = f"text {row}" if isinstance(texts, list) else "the text"
+            where = f"text {row}" if not isinstance(texts, str) else "the text"
             raise ValueError(
                 f"{where} holds {token!r} at character {start}: it is the tokenizer's {self._role(token)} token, not text. "
                 f"Remove it, or tokenise it as plain text with special_tokens_in_text='escape'"
@@ -90,6 +95,44 @@ class PromptTokenizer:
                 if i in self.protected and end > start:
                     found.append((row, int(start), self.protected[i]))
         return found
+
+    # ---- tokenizers without a `tokenizers` backend ------------------------------------------------
+    def _pieces(self, text: str):
+        """(character offset, piece, marker id or None) of ``text`` cut at the markers."""
+        at = 0
+        for piece in self._marker_split.split(text):
+            if piece:
+                yield at, piece, self.marker_ids.get(piece)
+            at += len(piece)
+
+    def _typed_in_pieces(self, row: int, text: str) -> list[tuple[int, int, str]]:
+        found = []
+        for at, piece, marker in self._pieces(text):
+            if marker is None:
+                for i in self.tokenizer(piece, add_special_tokens=False, split_special_tokens=False)["input_ids"]:
+                    if i in self.protected:
+                        found.append((row, at + piece.find(self.protected[i]), self.protected[i]))
+        return found
+
+    def _escape_by_pieces(self, texts, *, add_special_tokens: bool = True, padding=False, padding_side=None, return_tensors=None, **kwargs):
+        if kwargs:
+            raise TypeError(f"escaping special tokens with a {type(self.tokenizer).__name__} does not take {sorted(kwargs)}")
+        rows = []
+        for text in [texts] if isinstance(texts, str) else texts:
+            ids = []
+            for _, piece, marker in self._pieces(text):
+                if marker is not None:
+                    ids.append(marker)
+                    continue
+                piece_ids = self.tokenizer(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                if self.protected.keys() & set(piece_ids):
+                    raise ValueError(f"escaping special tokens failed: the tokenizer turns {piece!r} into a special token anyway")
+                ids += piece_ids
+            rows.append(self.tokenizer.build_inputs_with_special_tokens(ids) if add_special_tokens else ids)
+        enc = {"input_ids": rows, "attention_mask": [[1] * len(ids) for ids in rows]}
+        if isinstance(texts, str):
+            enc = {key: value[0] for key, value in enc.items()}
+        return self.tokenizer.pad(enc, padding=padding, padding_side=padding_side, return_tensors=return_tensors)
 
     def _role(self, token: str) -> str:
         """'eos', 'bos/eos/unk' (GPT-2's one token plays several), 'pad'... or 'added'."""
