@@ -25,7 +25,7 @@ from ..config import END_OF_CHUNK_TOKEN, MEDIA_TOKEN, PAD_TOKEN
 from ..modeling.loss import IGNORE_INDEX
 from .images import ImageTransform
 from .labels import make_labels
-from .text import SPECIAL_TOKENS_IN_TEXT, PromptTokenizer
+from .text import PromptTokenizer
 
 PROCESSOR_CONFIG_NAME = "flamingo_processor.json"
 
@@ -91,8 +91,6 @@ class FlamingoProcessor:
 
     @special_tokens_in_text.setter
     def special_tokens_in_text(self, policy: str) -> None:
-        if policy not in SPECIAL_TOKENS_IN_TEXT:
-            raise ValueError(f"special_tokens_in_text must be one of {SPECIAL_TOKENS_IN_TEXT}, got {policy!r}")
         self._prompt_tokenizer = PromptTokenizer(self.tokenizer, (self.media_token, self.end_of_chunk_token), policy)
 
     def tokenize(self, texts: str | list[str], **kwargs: Any):
