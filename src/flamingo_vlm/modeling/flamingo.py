@@ -422,7 +422,10 @@ class FlamingoModel(nn.Module):
             else:
                 attention_mask = torch.ones_like(input_ids)
         beams = generate_kwargs.get("num_beams", 1) or 1
-        if beams > 1 and input_ids.shape[1] > 1 and generate_kwargs.get("use_cache", True) and "cache" not in generate_kwargs:
+        # generate's default is the LM's generation config (MPT's says use_cache=False: a prompt cache handed to an
+        # uncached generate would be appended to at every step)
+        use_cache = generate_kwargs.get("use_cache", getattr(getattr(self.lm, "generation_config", None), "use_cache", True))
+        if beams > 1 and input_ids.shape[1] > 1 and use_cache and "cache" not in generate_kwargs:
             # HF copies each prompt num_beams times before its first forward: run the prompt once per
             # prompt instead and hand generate the copied KV cache (it then runs only the last token).
             generate_kwargs["cache"] = self._prompt_cache(input_ids, attention_mask, step_media, beams)
