@@ -45,7 +45,7 @@ def build_flamingo(
     requested = FlamingoConfig(**config_overrides)  # the caller's choices; what the backbones decide is set below
     encoder = load_vision_encoder(
         vision, requested.vision_type if "vision_type" in config_overrides else None, feature_layer=requested.vision_feature_layer,
-        post_norm=requested.vision_post_norm, **(vision_kwargs or {}),
+        post_norm=requested.vision_post_norm, keep_cls=requested.vision_keep_cls, **(vision_kwargs or {}),
     )
     new_token_ids = add_special_tokens(
         tokenizer, media_token=requested.media_token, end_of_chunk_token=requested.end_of_chunk_token, pad_token=requested.pad_token

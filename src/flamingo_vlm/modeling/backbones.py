@@ -42,7 +42,8 @@ def load_backbones(
         raise ValueError("the config names no LM / vision encoder path: pass lm= and vision=")
     lm_model = load_lm(lm, **(lm_kwargs or {}))
     encoder = load_vision_encoder(
-        vision, config.vision_type, feature_layer=config.vision_feature_layer, post_norm=config.vision_post_norm, **(vision_kwargs or {})
+        vision, config.vision_type, feature_layer=config.vision_feature_layer, post_norm=config.vision_post_norm,
+        keep_cls=config.vision_keep_cls, **(vision_kwargs or {}),
     )
     return lm_model, encoder
 

@@ -54,6 +54,12 @@ class VisionEncoder(nn.Module):
     name_or_path: str | None = None
     vision_type: str = ""
 
+    def set_keep_cls(self, keep_cls: bool) -> None:
+        """Whether the features keep the encoder's CLS token (IDEFICS uses every token of the last hidden state).
+        Adapters whose features never hold it accept only False."""
+        if keep_cls:
+            raise ValueError(f"the {self.vision_type or type(self).__name__} vision adapter cannot keep a CLS token (vision_keep_cls=True)")
+
     def set_post_norm(self, post_norm: bool) -> None:
         """Whether the features get the encoder's final LayerNorm (CLIP ``post_layernorm``, open_clip ``ln_post``).
 
@@ -86,6 +92,11 @@ class HFVisionEncoder(VisionEncoder):
         if native and not post_norm:
             super().set_post_norm(post_norm)
         self.post_norm = getattr(self.model, "vision_model", self.model).post_layernorm if post_norm and not native else None
+
+    def set_keep_cls(self, keep_cls: bool) -> None:
+        if keep_cls and self.vision_type != "clip":
+            super().set_keep_cls(keep_cls)  # SigLIP has no CLS token
+        self.drop_cls = self.vision_type == "clip" and not keep_cls
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         want_hidden = self.feature_layer != -1
@@ -220,11 +231,18 @@ def guess_vision_type(name_or_path) -> str:
 
 
 def load_vision_encoder(
-    name_or_path, vision_type: str | None = None, *, feature_layer: int = -1, post_norm: bool | None = None, **kwargs
+    name_or_path,
+    vision_type: str | None = None,
+    *,
+    feature_layer: int = -1,
+    post_norm: bool | None = None,
+    keep_cls: bool = False,
+    **kwargs,
 ) -> VisionEncoder:
     """Build a frozen VisionEncoder from a model object, a local path or a hub name.
 
-    ``post_norm``: see :meth:`VisionEncoder.set_post_norm` (None: the adapter's native features).
+    ``post_norm``: see :meth:`VisionEncoder.set_post_norm` (None: the adapter's native features);
+    ``keep_cls``: see :meth:`VisionEncoder.set_keep_cls`.
     """
     if isinstance(name_or_path, VisionEncoder):
         encoder = name_or_path
@@ -235,6 +253,8 @@ def load_vision_encoder(
         encoder = VISION_LOADERS[vision_type](name_or_path, vision_type, feature_layer, **kwargs)
     if post_norm is not None:
         encoder.set_post_norm(post_norm)
+    if keep_cls:
+        encoder.set_keep_cls(True)
     encoder.requires_grad_(False)
     encoder.eval()
     return encoder

@@ -1,0 +1,222 @@
+"""IDEFICS checkpoints convert to flamingo_vlm models that compute what transformers' IdeficsForVisionText2Text does.
+
+The reference is transformers' own implementation (an independent implementation of the same paper), on tiny
+random models built from IdeficsConfig here, over its options; the image attention mask it is given comes from
+transformers' IDEFICS processing code (``image_attention_mask_for_packed_input_ids``), so the routing rule is
+checked against IDEFICS's too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from flamingo_vlm.convert.idefics import (
+    IDEFICS_IMAGE_WRAPPER_TOKEN,
+    IDEFICS_MEDIA_TOKEN,
+    load_idefics,
+)
+from flamingo_vlm.tiny import make_tokenizer
+
+TOL = 1e-5
+IMAGE_SIZE = 16
+
+
+def idefics_tokenizer():
+    """A tiny tokenizer with IDEFICS's special tokens at ids V, V + 1 (its additional vocabulary) and <unk> padding."""
+    tokenizer = make_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [IDEFICS_IMAGE_WRAPPER_TOKEN, IDEFICS_MEDIA_TOKEN]})
+    tokenizer.pad_token = tokenizer.unk_token
+    return tokenizer
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Give every weight a scale at which each part visibly changes the logits (init leaves gates shut, norms at 1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "alpha" in name:  # tanh gates, well open, either sign
+                p.copy_(noise.sign() * (0.5 + 0.5 * torch.rand(p.shape, generator=g)))
+            elif p.ndim == 1 and ("norm" in name or name.endswith((".ln.weight",))):
+                p.copy_(1 + 0.2 * noise if name.endswith("weight") else 0.1 * noise)
+            elif p.ndim == 1:
+                p.copy_(noise if "class_embedding" in name else 0.1 * noise)
+            elif "embed" in name or "latents" in name:
+                p.copy_(noise)
+            else:
+                p.copy_(noise / math.sqrt(p[0].numel()))
+
+
+def tiny_idefics(*, use_resampler=True, qk_norms=False, alpha_type="float", interval=1, layers=4, seed=0, **overrides):
+    from transformers import IdeficsConfig, IdeficsForVisionText2Text
+
+    tokenizer = idefics_tokenizer()
+    config = IdeficsConfig(
+        vocab_size=len(tokenizer) - 2, additional_vocab_size=2, hidden_size=32, intermediate_size=44, num_hidden_layers=layers,
+        num_attention_heads=4, cross_layer_interval=interval, alpha_type=alpha_type, qk_layer_norms=qk_norms,
+        use_resampler=use_resampler, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, max_position_embeddings=128,
+        vision_config=dict(embed_dim=24, image_size=IMAGE_SIZE, patch_size=4, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40),
+        perceiver_config=dict(
+            use_resampler=use_resampler, resampler_n_latents=5, resampler_depth=2, resampler_n_heads=2, resampler_head_dim=8,
+            qk_layer_norms_perceiver=qk_norms,
+        ),
+        **overrides,
+    )
+    torch.manual_seed(seed)
+    model = IdeficsForVisionText2Text(config).eval()
+    randomize(model, seed)
+    return model, tokenizer
+
+
+def prompt_batch(tokenizer, seed: int = 0):
+    """A left-padded batch in IDEFICS's prompt format: text before the first image, 3 / 1 / 2 images per row, two
+    images in a row, and an EOS inside a row (tokens after it see no image until the next one).
+
+    Returns (input_ids, attention_mask, images [M, C, H, W] in row order, images per row)."""
+    fake, img = IDEFICS_IMAGE_WRAPPER_TOKEN, IDEFICS_MEDIA_TOKEN
+    rows = [
+        f"<s>A photo of{fake}{img}{fake}two cats on a mat.{fake}{img}{fake}{img}{fake}A dog",
+        f"<s>Question:{fake}{img}{fake}What is it? Answer: a",
+        f"<s>An image{fake}{img}{fake}of a cat.</s>Then text with no image,{fake}{img}{fake}and a",
+    ]
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in rows]
+    length = max(map(len, ids))
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (length - len(r)) + r for r in ids])
+    attention_mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in ids])
+    per_row = [int((row == tokenizer.convert_tokens_to_ids(img)).sum()) for row in input_ids]
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(sum(per_row), 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+    return input_ids, attention_mask, images, per_row
+
+
+def idefics_inputs(tokenizer, input_ids, images, per_row):
+    """IDEFICS's pixel_values [B, N, C, H, W] (zero images pad short rows) and image_attention_mask [B, L, N], the
+    latter from transformers' IDEFICS processing code."""
+    from transformers.models.idefics.processing_idefics import (
+        image_attention_mask_for_packed_input_ids,
+        incremental_to_binary_attention_mask,
+    )
+
+    n = max(per_row)
+    pixel_values = torch.zeros(len(per_row), n, *images.shape[1:])
+    start = 0
+    for b, count in enumerate(per_row):
+        pixel_values[b, :count] = images[start : start + count]
+        start += count
+    incremental, _ = image_attention_mask_for_packed_input_ids(input_ids, tokenizer, "pt")
+    return pixel_values, incremental_to_binary_attention_mask(incremental, "pt", num_classes=n)
+
+
+def real_token_diff(a, b, attention_mask) -> float:
+    real = attention_mask.bool()  # logits at padding positions are meaningless
+    return float((a[real] - b[real]).abs().max())
+
+
+GRID = [
+    pytest.param(dict(use_resampler=True, qk_norms=False, alpha_type="float", interval=1), id="resampler-float-every1"),
+    pytest.param(dict(use_resampler=True, qk_norms=True, alpha_type="vector", interval=2), id="resampler-qknorm-vector-every2"),
+    pytest.param(dict(use_resampler=False, qk_norms=True, alpha_type="vector", interval=1), id="noresampler-qknorm-vector-every1"),
+    pytest.param(dict(use_resampler=False, qk_norms=False, alpha_type="float", interval=2), id="noresampler-float-every2"),
+]
+
+
+@pytest.mark.parametrize("options", GRID)
+def test_logits_and_greedy_generation_match_transformers(options):
+    idefics, tokenizer = tiny_idefics(**options)
+    model, _, _ = load_idefics(idefics, tokenizer)
+    c = model.config
+    assert (c.use_resampler, c.xattn_qk_norm, c.resampler_qk_norm) == (options["use_resampler"], options["qk_norms"], options["qk_norms"])
+    assert c.xattn_gate == ("vector" if options["alpha_type"] == "vector" else "scalar")
+    layers = [i for i, layer in enumerate(model.lm.model.layers) if layer.gated_xattn is not None]
+    assert layers == list(range(0, 4, options["interval"]))  # before layers 0, n, 2n, ... as IDEFICS
+
+    input_ids, attention_mask, images, per_row = prompt_batch(tokenizer)
+    pixel_values, image_attention_mask = idefics_inputs(tokenizer, input_ids, images, per_row)
+    with torch.no_grad():
+        reference = idefics(
+            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_attention_mask=image_attention_mask
+        ).logits
+        ours = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=images).logits
+        blind = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=torch.zeros_like(images)).logits
+    assert ours.shape == reference.shape  # the LM's rows plus the additional (decoupled) rows
+    assert real_token_diff(ours, reference, attention_mask) < TOL
+    assert real_token_diff(blind, reference, attention_mask) > 0.1  # the images really matter
+
+    special = [tokenizer.convert_tokens_to_ids(t) for t in (IDEFICS_MEDIA_TOKEN, IDEFICS_IMAGE_WRAPPER_TOKEN)]
+    common = dict(max_new_tokens=6, do_sample=False, num_beams=1, eos_token_id=tokenizer.eos_token_id, suppress_tokens=special)
+    with torch.no_grad():
+        expected = idefics.generate(
+            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_attention_mask=image_attention_mask,
+            pad_token_id=tokenizer.pad_token_id, **common,
+        )
+        generated = model.generate(input_ids, attention_mask, pixel_values=images, **common)
+    assert torch.equal(generated, expected)
+
+
+IDEFICS_LIKE = dict(
+    vision_keep_cls=True, cross_attn_position="first", cross_attn_every_n_layers=2, xattn_norm="rms_norm", xattn_norm_eps=1e-6,
+    xattn_qk_norm=True, xattn_ff_type="gated", xattn_ff_dim=40, ff_activation="silu", xattn_gate="vector",
+    xattn_norm_media=False, reset_media_after_eos=True,
+)
+
+
+@pytest.mark.parametrize(
+    "resampler",
+    [dict(use_resampler=False), dict(resampler_qk_norm=True, resampler_ff_activation="relu", max_num_frames=1)],
+    ids=["no-resampler", "resampler-qknorm-relu"],
+)
+def test_idefics_options_keep_gate_zero_exactness(resampler):
+    """The options added for IDEFICS keep the rule: closed gates give exactly the LM's logits, open ones do not."""
+    from helpers import GREEN, RED, build, image, open_gates
+
+    model, processor = build("llama", **IDEFICS_LIKE, **resampler)
+    assert [i for i, layer in enumerate(model.lm.model.layers) if layer.gated_xattn is not None] == [0]
+    batch = processor(
+        [["a red", image(RED), "circle</s>", image(GREEN), "two cats"], ["dog", image(GREEN), "Output:"]], padding_side="right"
+    )
+    with torch.no_grad():
+        with_media = model(**batch).logits
+        lm_only = model.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(with_media, lm_only)
+    open_gates(model)
+    with torch.no_grad():
+        assert not torch.allclose(model(**batch).logits, lm_only)
+    n_patches = (model.vision_encoder.preprocessing.image_size // 8) ** 2  # tiny CLIP: 8-pixel patches
+    tokens = model.encode_media(batch["pixel_values"])
+    expected = n_patches + 1 if not model.config.use_resampler else model.config.resampler_num_latents  # CLS kept
+    assert tokens.shape[1] == expected
+
+
+def test_after_eos_routing_is_idefics_image_attention_mask():
+    """Property: over random token streams, ``reset_media_after_eos`` routing is IDEFICS's processor rule."""
+    from transformers.models.idefics.processing_idefics import image_attention_mask_for_packed_input_ids
+
+    from flamingo_vlm.modeling.masking import media_index
+
+    tokenizer = idefics_tokenizer()
+    image_id = tokenizer.convert_tokens_to_ids(IDEFICS_MEDIA_TOKEN)
+    alphabet = torch.tensor([image_id, tokenizer.eos_token_id, 5, 6, 7])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        ids = alphabet[torch.randint(0, len(alphabet), (4, 30), generator=g)]
+        expected, _ = image_attention_mask_for_packed_input_ids(ids, tokenizer, "pt")
+        last, _ = media_index(ids, image_id, tokenizer.eos_token_id, eos_sees_media=True)
+        assert torch.equal(last, expected)
+
+
+def test_configs_saved_before_the_idefics_options_load_unchanged():
+    import dataclasses
+
+    from flamingo_vlm.config import FlamingoConfig
+
+    new = set(IDEFICS_LIKE) | {"use_resampler", "resampler_ff_activation", "resampler_qk_norm"}
+    old = {k: v for k, v in FlamingoConfig().to_dict().items() if k not in new | {"xattn_norm_media", "ff_activation", "cross_attn_every_n_layers"}}
+    assert FlamingoConfig.from_dict(old) == FlamingoConfig()
+    assert dataclasses.replace(FlamingoConfig(), **IDEFICS_LIKE).xattn_gate == "vector"
+    with pytest.raises(ValueError, match="xattn_gate"):
+        FlamingoConfig(xattn_gate="matrix")
