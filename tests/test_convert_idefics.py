@@ -220,3 +220,83 @@ def test_configs_saved_before_the_idefics_options_load_unchanged():
     assert dataclasses.replace(FlamingoConfig(), **IDEFICS_LIKE).xattn_gate == "vector"
     with pytest.raises(ValueError, match="xattn_gate"):
         FlamingoConfig(xattn_gate="matrix")
+
+
+def reference_logits(idefics, tokenizer, batch):
+    input_ids, attention_mask, images, per_row = batch
+    pixel_values, image_attention_mask = idefics_inputs(tokenizer, input_ids, images, per_row)
+    with torch.no_grad():
+        return idefics(
+            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, image_attention_mask=image_attention_mask
+        ).logits
+
+
+def our_logits(model, batch):
+    input_ids, attention_mask, images, _ = batch
+    with torch.no_grad():
+        return model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=images).logits
+
+
+@pytest.fixture(scope="module")
+def idefics_dir(tmp_path_factory):
+    """A tiny IDEFICS checkpoint directory (model + tokenizer), as the hub's are."""
+    idefics, tokenizer = tiny_idefics(use_resampler=True, qk_norms=True, alpha_type="vector", interval=2)
+    path = tmp_path_factory.mktemp("idefics") / "tiny-idefics"
+    idefics.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_convert_commands_round_trip(idefics_dir, tmp_path, capsys):
+    """`flamingo convert idefics` writes a directory load_flamingo reads (LM, vision tower and all); `to-idefics`
+    writes it back as an IdeficsForVisionText2Text: the logits are IDEFICS's at every step."""
+    from transformers import AutoTokenizer, IdeficsForVisionText2Text
+
+    from flamingo_vlm import load_flamingo
+    from flamingo_vlm.cli import main
+
+    idefics = IdeficsForVisionText2Text.from_pretrained(idefics_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(idefics_dir)
+    batch = prompt_batch(tokenizer)
+    expected = reference_logits(idefics, tokenizer, batch)
+
+    out = tmp_path / "converted"
+    assert main(["convert", "idefics", str(idefics_dir), "--out", str(out), "--dtype", "float32"]) == 0
+    assert "2 blocks, from layer 0" in capsys.readouterr().out
+    assert (out / "lm" / "config.json").is_file() and (out / "vision" / "preprocessor_config.json").is_file()
+    model, processor = load_flamingo(out)
+    assert real_token_diff(our_logits(model, batch), expected, batch[1]) < TOL
+    assert processor.tokenizer.convert_tokens_to_ids(IDEFICS_MEDIA_TOKEN) == model.config.media_token_id
+
+    back = tmp_path / "back"
+    assert main(["convert", "to-idefics", str(out), "--out", str(back)]) == 0
+    again = IdeficsForVisionText2Text.from_pretrained(back).eval()
+    assert real_token_diff(reference_logits(again, tokenizer, batch), expected, batch[1]) < TOL
+    for key, value in idefics.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+
+
+def test_unsupported_idefics_options_fail_naming_them():
+    from transformers import IdeficsConfig
+
+    from flamingo_vlm.convert.idefics import unsupported_options
+
+    config = IdeficsConfig(num_hidden_layers=6, cross_layer_interval=4, hidden_act="gelu_new", tie_word_embeddings=True)
+    problems = "\n".join(unsupported_options(config))
+    for needle in ("cross_layer_interval=4 does not divide num_hidden_layers=6", "hidden_act='gelu_new'", "tie_word_embeddings=True"):
+        assert needle in problems
+    idefics, tokenizer = tiny_idefics(hidden_act="gelu_new")
+    with pytest.raises(ValueError, match="does not support:\n  hidden_act='gelu_new'"):
+        load_idefics(idefics, tokenizer)
+
+
+def test_export_refuses_what_idefics_cannot_compute():
+    from helpers import build
+
+    from flamingo_vlm.convert import export_idefics
+
+    model, _ = build("llama")  # the paper's block: LayerNorm, squared ReLU MLP, after-layer placement
+    with pytest.raises(ValueError) as e:
+        export_idefics(model)
+    for needle in ("vision_keep_cls=True", "xattn_norm='layer_norm'", "xattn_ff_type='mlp'", "cross_attn_position='last'", "ReLU"):
+        assert needle in str(e.value), str(e.value)

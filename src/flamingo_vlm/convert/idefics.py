@@ -362,3 +362,120 @@ def _save_plain_lm(lm: nn.Module, directory: Path) -> None:
     embed = lm.get_input_embeddings()
     config.vocab_size = (embed.base if isinstance(embed, ExtendedEmbedding) else embed).weight.shape[0]
     _llama_from_state(config, plain_lm_state(lm)).save_pretrained(directory)
+
+
+def convert_idefics(
+    source: Any, out: str | os.PathLike, tokenizer: Any = None, *, dtype: torch.dtype | str | None = None
+) -> tuple[FlamingoModel, FlamingoProcessor, IdeficsConversionReport]:
+    """:func:`load_idefics` then :func:`save_idefics_conversion`: a directory ``load_flamingo`` reads, and
+    ``flamingo eval`` / ``flamingo serve`` run, as any other."""
+    model, processor, report = load_idefics(source, tokenizer, dtype=dtype)
+    save_idefics_conversion(model, processor, out)
+    return model, processor, report
+
+
+# ---- export --------------------------------------------------------------------------------------
+def export_problems(model: FlamingoModel) -> list[str]:
+    """Why IdeficsForVisionText2Text cannot compute this model, one reason per option (empty: it can)."""
+    c, problems = model.config, []
+    lm_config = model.lm.config.get_text_config()
+    if lm_config.model_type != "llama":
+        return [f"the LM is a {lm_config.model_type!r} model: IDEFICS's decoder is Llama's"]
+    heads, hidden = lm_config.num_attention_heads, lm_config.hidden_size
+    if getattr(lm_config, "num_key_value_heads", heads) != heads:
+        problems.append(f"the LM has {lm_config.num_key_value_heads} key/value heads for {heads} heads: IDEFICS has no grouped-query attention")
+    if getattr(lm_config, "attention_bias", False) or getattr(lm_config, "mlp_bias", False):
+        problems.append("the LM has attention or MLP biases, which IDEFICS's decoder lacks")
+    if getattr(lm_config, "head_dim", hidden // heads) != hidden // heads:
+        problems.append(f"the LM's head_dim={lm_config.head_dim} is not hidden_size / heads = {hidden // heads}")
+    if lm_config.tie_word_embeddings:
+        problems.append("the LM ties its embeddings (the converter handles untied IDEFICS heads only)")
+    if c.vision_type != "clip" or not c.vision_keep_cls or c.vision_post_norm or c.vision_feature_layer != -1:
+        problems.append(
+            "IDEFICS's vision features are a CLIP ViT's last hidden state with the CLS token and no post-norm: needs "
+            f"vision_type='clip', vision_keep_cls=True, vision_post_norm False, vision_feature_layer=-1 (have {c.vision_type!r}, "
+            f"{c.vision_keep_cls}, {c.vision_post_norm}, {c.vision_feature_layer})"
+        )
+    wanted = dict(
+        xattn_norm="rms_norm", xattn_norm_eps=lm_config.rms_norm_eps, xattn_norm_media=False, xattn_ff_type="gated",
+        xattn_ff_dim=lm_config.intermediate_size, ff_activation=lm_config.hidden_act, xattn_heads=heads,
+        xattn_dim_head=hidden // heads, cross_attn_position="first", media_attention="last", reset_media_after_eos=True,
+        reset_media_at_eos=False,
+    )
+    for name, value in wanted.items():
+        if getattr(c, name) != value:
+            problems.append(f"{name}={getattr(c, name)!r}: IDEFICS's is {value!r}")
+    num_layers = lm_config.num_hidden_layers
+    if num_layers % c.cross_attn_every_n_layers:
+        problems.append(f"cross_attn_every_n_layers={c.cross_attn_every_n_layers} does not divide the LM's {num_layers} layers")
+    if c.use_resampler:
+        if (c.resampler_ff_activation or c.ff_activation) != "relu" or c.resampler_ff_mult != 4:
+            problems.append("IDEFICS's perceiver feed-forwards are ReLU, 4x wide: needs resampler_ff_activation='relu', resampler_ff_mult=4")
+        if c.resampler_spatial_positions:
+            problems.append("resampler_spatial_positions: IDEFICS's perceiver has no spatial position embeddings")
+        if bool(model.resampler.time_embeddings.detach().ne(0).any()):
+            problems.append("the resampler's time embeddings are nonzero: IDEFICS's perceiver has none")
+    embed = model.lm.get_input_embeddings()
+    base_rows = (embed.base if isinstance(embed, ExtendedEmbedding) else embed).weight.shape[0]
+    if c.new_token_ids and c.new_token_ids[0] != base_rows:
+        problems.append(
+            f"the new tokens start at id {c.new_token_ids[0]}, not after the LM's {base_rows} rows: IDEFICS's additional "
+            "vocabulary follows its own"
+        )
+    return problems
+
+
+def idefics_config_for(model: FlamingoModel):
+    """The IdeficsConfig of a model :func:`export_problems` finds nothing against."""
+    from transformers import IdeficsConfig
+
+    c, lm = model.config, model.lm.config.get_text_config()
+    vision = model.vision_encoder.model.config
+    embed = model.lm.get_input_embeddings()
+    return IdeficsConfig(
+        vocab_size=(embed.base if isinstance(embed, ExtendedEmbedding) else embed).weight.shape[0],
+        additional_vocab_size=len(c.new_token_ids), hidden_size=lm.hidden_size, intermediate_size=lm.intermediate_size,
+        num_hidden_layers=lm.num_hidden_layers, num_attention_heads=lm.num_attention_heads, dropout=0.0,
+        hidden_act=lm.hidden_act, rms_norm_eps=lm.rms_norm_eps, max_position_embeddings=lm.max_position_embeddings,
+        rope_parameters=dict(lm.rope_parameters), tie_word_embeddings=False,
+        pad_token_id=c.pad_token_id, bos_token_id=lm.bos_token_id, eos_token_id=c.eos_token_id,
+        cross_layer_interval=c.cross_attn_every_n_layers, qk_layer_norms=c.xattn_qk_norm, use_resampler=c.use_resampler,
+        alpha_type="vector" if c.xattn_gate == "vector" else "float",
+        vision_config=dict(
+            embed_dim=vision.hidden_size, image_size=vision.image_size, intermediate_size=vision.intermediate_size,
+            patch_size=vision.patch_size, num_hidden_layers=vision.num_hidden_layers,
+            num_attention_heads=vision.num_attention_heads, num_channels=vision.num_channels, hidden_act=vision.hidden_act,
+            layer_norm_eps=vision.layer_norm_eps,
+        ),
+        perceiver_config=dict(
+            use_resampler=c.use_resampler, resampler_n_latents=c.resampler_num_latents, resampler_depth=c.resampler_depth,
+            resampler_n_heads=c.resampler_heads, resampler_head_dim=c.resampler_dim_head,
+            qk_layer_norms_perceiver=c.resampler_qk_norm,
+        ),
+    )
+
+
+def export_idefics(model: FlamingoModel) -> nn.Module:
+    """An ``IdeficsForVisionText2Text`` computing what ``model`` computes (fp32); raises, naming every option
+    IDEFICS cannot express (:func:`export_problems`)."""
+    from transformers import IdeficsForVisionText2Text
+
+    problems = export_problems(model)
+    if problems:
+        raise ValueError("this model cannot be expressed as an IdeficsForVisionText2Text:\n  " + "\n  ".join(problems))
+    idefics = IdeficsForVisionText2Text(idefics_config_for(model)).eval()
+    target = idefics.state_dict()
+    state = {k: v.detach().float() for k, v in plain_lm_state(model.lm).items()}
+    vision = model.vision_encoder.model
+    state.update({f"model.vision_model.{k}": v.float() for k, v in getattr(vision, "vision_model", vision).state_dict().items()})
+    ours = model.flamingo_state_dict()
+    for our_key, parts in bridge_key_map(model.config, len(model.xattn_blocks)).items():
+        values = ours[our_key].detach().float().chunk(len(parts), dim=0)
+        for key, value in zip(parts, values):
+            state[key] = value.reshape(target[key].shape)
+    missing, unexpected = sorted(set(target) - set(state)), sorted(set(state) - set(target))
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ValueError(f"flamingo_vlm -> IDEFICS mapping incomplete: missing {missing[:10]}, unexpected {unexpected[:10]}")
+    idefics.load_state_dict({k: v for k, v in state.items() if k in target}, strict=False)
+    return idefics
