@@ -25,8 +25,13 @@ IMAGE_SIZE = 16
 
 
 def idefics_tokenizer():
-    """A tiny tokenizer with IDEFICS's special tokens at ids V, V + 1 (its additional vocabulary) and <unk> padding."""
+    """A tiny tokenizer with IDEFICS's special tokens at ids V, V + 1 (its additional vocabulary), <unk> padding, and
+    a BOS before every text, as IDEFICS's Llama tokenizer."""
+    from tokenizers.processors import TemplateProcessing
+
     tokenizer = make_tokenizer()
+    bos = (tokenizer.bos_token, tokenizer.bos_token_id)
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single=f"{bos[0]} $A", pair=f"{bos[0]} $A $B", special_tokens=[bos])
     tokenizer.add_special_tokens({"additional_special_tokens": [IDEFICS_IMAGE_WRAPPER_TOKEN, IDEFICS_MEDIA_TOKEN]})
     tokenizer.pad_token = tokenizer.unk_token
     return tokenizer
@@ -300,3 +305,25 @@ def test_export_refuses_what_idefics_cannot_compute():
         export_idefics(model)
     for needle in ("vision_keep_cls=True", "xattn_norm='layer_norm'", "xattn_ff_type='mlp'", "cross_attn_position='last'", "ReLU"):
         assert needle in str(e.value), str(e.value)
+
+
+def test_processor_tokenizes_like_the_idefics_processor():
+    """The converted processor writes IDEFICS's prompt format (<fake_token_around_image> around each run of images)."""
+    from PIL import Image
+    from transformers import IdeficsImageProcessor, IdeficsProcessor
+
+    idefics, tokenizer = tiny_idefics()
+    _, processor, _ = load_idefics(idefics, tokenizer)
+    images = [Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), c) for c in ("red", "green", "blue", "white")]
+    prompts = [
+        ["User:", images[0], "Describe this image.\nAssistant: two cats.\n", "User:", images[1], images[2], "And these?\nAssistant:"],
+        ["Question:", images[3], "What is it? Answer:"],
+    ]
+    tokenizer.padding_side = "left"
+    theirs = IdeficsProcessor(IdeficsImageProcessor(image_size=IMAGE_SIZE), tokenizer)(text=prompts)
+    ours = processor(prompts)
+    assert torch.equal(ours["input_ids"], theirs["input_ids"])
+    assert torch.equal(ours["attention_mask"], theirs["attention_mask"])
+    assert processor.format_text(processor.format_text("a<image><image>b")) == (
+        "a<fake_token_around_image><image><fake_token_around_image><image><fake_token_around_image>b"
+    )

@@ -82,7 +82,10 @@ def load_flamingo(directory: str | os.PathLike, *, lm: Any = None, vision: Any =
     else:
         tok = _load_tokenizer(tokenizer, config.lm_name_or_path)
         add_special_tokens(tok, media_token=config.media_token, end_of_chunk_token=config.end_of_chunk_token, pad_token=config.pad_token)
-        processor = FlamingoProcessor(tok, ImageTransform.for_encoder(model.vision_encoder), media_token=config.media_token, end_of_chunk_token=config.end_of_chunk_token)
+        processor = FlamingoProcessor(
+            tok, ImageTransform.for_encoder(model.vision_encoder), media_token=config.media_token,
+            end_of_chunk_token=config.end_of_chunk_token, media_wrapper_token=config.media_wrapper_token,
+        )
     if processor.media_token_id != config.media_token_id or processor.end_of_chunk_token_id != config.end_of_chunk_token_id:
         raise ValueError(
             f"the tokenizer's special token ids ({processor.media_token_id}, {processor.end_of_chunk_token_id}) differ from "

@@ -110,6 +110,8 @@ class FlamingoConfig:
     media_token: str = MEDIA_TOKEN
     end_of_chunk_token: str = END_OF_CHUNK_TOKEN
     pad_token: str = PAD_TOKEN
+    # A token the processor writes around each run of media (IDEFICS: "<fake_token_around_image>"); None: none.
+    media_wrapper_token: str | None = None
     # A tuple, so that the frozen config cannot change through it either (a list is accepted and converted).
     new_token_ids: tuple[int, ...] = ()
     # Logits end at the last new token, i.e. the tokenizer's length (OpenFlamingo resizes the LM's embeddings

@@ -227,8 +227,9 @@ def _token_ids(tokenizer, c) -> dict[str, Any]:
         raise ValueError("the tokenizer has no pad (or unk) token to pad batches with")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = pad
+    wrapper = IDEFICS_IMAGE_WRAPPER_TOKEN if IDEFICS_IMAGE_WRAPPER_TOKEN in vocab else None
     return dict(
-        media_token=IDEFICS_MEDIA_TOKEN, end_of_chunk_token=end, pad_token=pad,
+        media_token=IDEFICS_MEDIA_TOKEN, end_of_chunk_token=end, pad_token=pad, media_wrapper_token=wrapper,
         new_token_ids=list(range(c.vocab_size, rows)), media_token_id=media_id,
         end_of_chunk_token_id=tokenizer.convert_tokens_to_ids(end), pad_token_id=tokenizer.convert_tokens_to_ids(pad),
         eos_token_id=tokenizer.eos_token_id,
@@ -322,6 +323,7 @@ def load_idefics(
     load_idefics_weights(model, idefics)
     processor = FlamingoProcessor(
         tokenizer, ImageTransform.for_encoder(encoder), media_token=IDEFICS_MEDIA_TOKEN, end_of_chunk_token=config.end_of_chunk_token,
+        media_wrapper_token=config.media_wrapper_token,
     )
     return model, processor, IdeficsConversionReport(_notes(c))
 

@@ -49,7 +49,7 @@ class PromptReader:
         if not any(isinstance(x, Video) or x for x in items):
             raise invalid("the prompt is empty: give at least one text or image item")
         marker = self.processor.media_token
-        text = "".join(marker if isinstance(x, Video) else x for x in items)
+        text = self.processor.format_text("".join(marker if isinstance(x, Video) else x for x in items))
         with self._lock:
             num_tokens = len(self._tokenizer(text)["input_ids"])
         if num_tokens > self.limits.max_prompt_tokens:
