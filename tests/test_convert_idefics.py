@@ -327,3 +327,60 @@ def test_processor_tokenizes_like_the_idefics_processor():
     assert processor.format_text(processor.format_text("a<image><image>b")) == (
         "a<fake_token_around_image><image><fake_token_around_image><image><fake_token_around_image>b"
     )
+
+
+@pytest.fixture(scope="module")
+def converted_dir(idefics_dir, tmp_path_factory):
+    from flamingo_vlm.convert import convert_idefics
+
+    out = tmp_path_factory.mktemp("converted") / "idefics-tiny"
+    convert_idefics(idefics_dir, out)
+    return out
+
+
+def test_flamingo_eval_runs_on_a_converted_model(converted_dir, tmp_path):
+    """`flamingo eval` on a converted IDEFICS directory, few-shot captioning (generation) and classification (scoring)."""
+    import json
+
+    import yaml
+    from eval_fixtures import write_classification, write_karpathy
+
+    from flamingo_vlm.cli import main
+
+    data = tmp_path / "data"
+    karpathy, classes = write_karpathy(data / "coco"), write_classification(data / "imagenet")
+    config = {
+        "model": str(converted_dir), "shots": [0, 2], "seeds": [0],
+        "tasks": [
+            {"type": "coco_captioning", "karpathy_json": str(karpathy), "image_dir": str(data / "coco"), "max_new_tokens": 3},
+            {"type": "imagenet", "list_file": str(classes["val"]), "support_list_file": str(classes["train"]),
+             "class_names": str(classes["classnames"])},
+        ],
+    }
+    config_path = tmp_path / "eval.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "results.json"
+    assert main(["eval", str(config_path), "--limit", "2", "--out", str(out), "--no-progress"]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert {(r["task"], r["shots"]) for r in runs} == {("coco", 0), ("coco", 2), ("imagenet", 0), ("imagenet", 2)}
+    assert all(r["num_examples"] == 2 for r in runs)
+
+
+def test_flamingo_serve_answers_with_a_converted_model(converted_dir):
+    """The HTTP API on a converted IDEFICS model gives the library's generation."""
+    from fastapi.testclient import TestClient
+    from helpers import GREEN, RED, image
+    from serving_fixtures import TEST_LIMITS, data_url
+
+    from flamingo_vlm import load_flamingo
+    from flamingo_vlm.evaluation import generate_texts
+    from flamingo_vlm.serving import create_app
+
+    model, processor = load_flamingo(converted_dir)
+    prompt = [image(RED), "Output: a red circle.</s>", image(GREEN), "Output:"]
+    items = [{"text": x} if isinstance(x, str) else {"image": data_url(x)} for x in prompt]
+    with TestClient(create_app(model, processor, limits=TEST_LIMITS, max_wait_ms=1)) as client:
+        r = client.post("/v1/generate", json={"prompt": items, "max_new_tokens": 5})
+    assert r.status_code == 200, r.text
+    assert r.json()["text"] == generate_texts(model, processor, [prompt], max_new_tokens=5)[0].strip()
+    assert r.json()["media"] == 2
