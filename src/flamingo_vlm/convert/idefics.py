@@ -91,9 +91,6 @@ def unsupported_options(config) -> list[str]:
             problems.append(f"vision_config.{name}={getattr(vision, name)!r} (square images only: an int)")
     if config.hidden_size % config.num_attention_heads:
         problems.append(f"hidden_size={config.hidden_size} is not a multiple of num_attention_heads={config.num_attention_heads}")
-    rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") not in ("default", "linear", "dynamic"):
-        problems.append(f"rope_parameters={rope!r}")
     return problems
 
 
