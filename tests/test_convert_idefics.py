@@ -384,3 +384,24 @@ def test_flamingo_serve_answers_with_a_converted_model(converted_dir):
     assert r.status_code == 200, r.text
     assert r.json()["text"] == generate_texts(model, processor, [prompt], max_new_tokens=5)[0].strip()
     assert r.json()["media"] == 2
+
+
+def test_vision_tower_is_clip_with_the_cls_token_and_no_post_norm():
+    """IDEFICS's vision transformer maps weight for weight onto CLIPVisionModel; its features are the last hidden
+    state, CLS token included, without post_layernorm."""
+    idefics, tokenizer = tiny_idefics(use_resampler=False)
+    model, _, _ = load_idefics(idefics, tokenizer)
+    pixels = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = idefics.model.vision_model(pixel_values=pixels).last_hidden_state
+        assert torch.equal(model.vision_encoder(pixels), expected)
+        assert torch.equal(model.encode_media(pixels[:, None]), expected)  # no resampler: the features themselves
+
+
+def test_a_bfloat16_checkpoint_converts_with_an_fp32_bridge(idefics_dir):
+    idefics, tokenizer = tiny_idefics(use_resampler=True, qk_norms=True, alpha_type="vector", interval=2)
+    model, _, _ = load_idefics(idefics_dir, dtype=torch.bfloat16)
+    assert next(model.lm.parameters()).dtype == next(model.vision_encoder.parameters()).dtype == torch.bfloat16
+    assert model.bridge_dtype == torch.float32
+    batch = prompt_batch(tokenizer)
+    assert real_token_diff(our_logits(model, batch).float(), reference_logits(idefics, tokenizer, batch), batch[1]) < 0.2

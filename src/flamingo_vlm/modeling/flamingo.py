@@ -241,7 +241,8 @@ class FlamingoModel(nn.Module):
         return feats.view(m, t, *feats.shape[1:])
 
     def encode_media(self, pixel_values: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """pixel_values [M, T, C, H, W] -> visual tokens [M, num_latents, d_visual]."""
+        """pixel_values [M, T, C, H, W] -> visual tokens [M, n, d_visual]: n = num_latents, or T * S vision features
+        without a resampler (``use_resampler=False``)."""
         features = self.encode_vision(pixel_values, frame_mask)
         return self.resampler(features.to(self.bridge_dtype), frame_mask)
 
