@@ -49,8 +49,10 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(1 + 0.2 * noise if name.endswith("weight") else 0.1 * noise)
             elif p.ndim == 1:
                 p.copy_(noise if "class_embedding" in name else 0.1 * noise)
-            elif "embed" in name or "latents" in name:
+            elif "latents" in name or "position_embedding" in name:
                 p.copy_(noise)
+            elif "embed" in name:  # token rows: at the LM head's scale, as they are that head when tied
+                p.copy_(noise / math.sqrt(p.shape[1]))
             else:
                 p.copy_(noise / math.sqrt(p[0].numel()))
 
@@ -127,12 +129,17 @@ GRID = [
     pytest.param(dict(use_resampler=True, qk_norms=True, alpha_type="vector", interval=2), id="resampler-qknorm-vector-every2"),
     pytest.param(dict(use_resampler=False, qk_norms=True, alpha_type="vector", interval=1), id="noresampler-qknorm-vector-every1"),
     pytest.param(dict(use_resampler=False, qk_norms=False, alpha_type="float", interval=2), id="noresampler-float-every2"),
+    pytest.param(
+        dict(use_resampler=True, qk_norms=False, alpha_type="float", interval=2, tie_word_embeddings=True), id="tied-embeddings"
+    ),
 ]
 
 
 @pytest.mark.parametrize("options", GRID)
 def test_logits_and_greedy_generation_match_transformers(options):
     idefics, tokenizer = tiny_idefics(**options)
+    if options.get("tie_word_embeddings"):
+        assert idefics.lm_head.weight is idefics.model.embed_tokens.weight
     model, _, _ = load_idefics(idefics, tokenizer)
     c = model.config
     assert (c.use_resampler, c.xattn_qk_norm, c.resampler_qk_norm) == (options["use_resampler"], options["qk_norms"], options["qk_norms"])
@@ -286,9 +293,9 @@ def test_unsupported_idefics_options_fail_naming_them():
 
     from flamingo_vlm.convert.idefics import unsupported_options
 
-    config = IdeficsConfig(num_hidden_layers=6, cross_layer_interval=4, hidden_act="gelu_new", tie_word_embeddings=True)
+    config = IdeficsConfig(num_hidden_layers=6, cross_layer_interval=4, hidden_act="gelu_new", vision_config=dict(image_size=[224, 160]))
     problems = "\n".join(unsupported_options(config))
-    for needle in ("cross_layer_interval=4 does not divide num_hidden_layers=6", "hidden_act='gelu_new'", "tie_word_embeddings=True"):
+    for needle in ("cross_layer_interval=4 does not divide num_hidden_layers=6", "hidden_act='gelu_new'", "vision_config.image_size=[224, 160]"):
         assert needle in problems
     idefics, tokenizer = tiny_idefics(hidden_act="gelu_new")
     with pytest.raises(ValueError, match="does not support:\n  hidden_act='gelu_new'"):
@@ -405,3 +412,36 @@ def test_a_bfloat16_checkpoint_converts_with_an_fp32_bridge(idefics_dir):
     assert model.bridge_dtype == torch.float32
     batch = prompt_batch(tokenizer)
     assert real_token_diff(our_logits(model, batch).float(), reference_logits(idefics, tokenizer, batch), batch[1]) < 0.2
+
+
+def test_beam_search_matches_transformers():
+    idefics, tokenizer = tiny_idefics(use_resampler=True, qk_norms=True, alpha_type="vector", interval=2)
+    model, _, _ = load_idefics(idefics, tokenizer)
+    input_ids, attention_mask, images, per_row = batch = prompt_batch(tokenizer)
+    pixel_values, image_attention_mask = idefics_inputs(tokenizer, *batch[:1], images, per_row)
+    special = [tokenizer.convert_tokens_to_ids(t) for t in (IDEFICS_MEDIA_TOKEN, IDEFICS_IMAGE_WRAPPER_TOKEN)]
+    common = dict(max_new_tokens=6, do_sample=False, num_beams=3, eos_token_id=tokenizer.eos_token_id, suppress_tokens=special)
+    with torch.no_grad():
+        expected = idefics.generate(
+            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+            image_attention_mask=image_attention_mask, pad_token_id=tokenizer.pad_token_id, **common,
+        )
+        assert torch.equal(model.generate(input_ids, attention_mask, pixel_values=images, **common), expected)
+
+
+def test_tied_embeddings_survive_save_load_and_export(tmp_path):
+    """tie_word_embeddings=True: the head's new rows are the new embedding rows (one trained tensor), through
+    convert_idefics, load_flamingo and export_idefics."""
+    from flamingo_vlm import load_flamingo
+    from flamingo_vlm.convert import convert_idefics, export_idefics
+
+    idefics, tokenizer = tiny_idefics(interval=2, tie_word_embeddings=True)
+    convert_idefics(idefics, tmp_path / "tied", tokenizer)
+    model, _ = load_flamingo(tmp_path / "tied")
+    assert "new_token_lm_head.weight" not in model.flamingo_state_dict()
+    batch = prompt_batch(tokenizer)
+    expected = reference_logits(idefics, tokenizer, batch)
+    assert real_token_diff(our_logits(model, batch), expected, batch[1]) < TOL
+    back = export_idefics(model)
+    assert back.lm_head.additional_fc.weight is back.model.embed_tokens.additional_embedding.weight
+    assert real_token_diff(reference_logits(back, tokenizer, batch), expected, batch[1]) < TOL

@@ -83,8 +83,6 @@ def unsupported_options(config) -> list[str]:
         )
     if config.hidden_act not in XATTN_ACTIVATIONS:
         problems.append(f"hidden_act={config.hidden_act!r} (the cross-attention MLP supports {XATTN_ACTIVATIONS})")
-    if config.tie_word_embeddings:
-        problems.append("tie_word_embeddings=True (untied LM head only)")
     vision = config.vision_config
     for name in ("image_size", "patch_size"):
         if not isinstance(getattr(vision, name), int):
@@ -115,7 +113,7 @@ def idefics_lm(idefics: nn.Module) -> nn.Module:
         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
         num_key_value_heads=c.num_attention_heads, head_dim=c.hidden_size // c.num_attention_heads, hidden_act=c.hidden_act,
         max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps, rope_parameters=dict(c.rope_parameters),
-        tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+        tie_word_embeddings=c.tie_word_embeddings, attention_bias=False, mlp_bias=False,
         pad_token_id=c.pad_token_id, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
     )
     src = idefics.state_dict()
@@ -135,6 +133,8 @@ def _llama_from_state(config, state: dict[str, torch.Tensor]) -> nn.Module:
         lm = LlamaForCausalLM(config)
     lm.load_state_dict(state, strict=True, assign=True)
     lm.model.rotary_emb = type(lm.model.rotary_emb)(config=config)  # non-persistent buffers: build them for real
+    if config.tie_word_embeddings:
+        lm.tie_weights()  # assign=True loaded the two names as two parameters: one again
     return lm.eval()
 
 
@@ -158,8 +158,9 @@ def idefics_vision(idefics: nn.Module) -> nn.Module:
 
 
 # ---- key mapping (shared by load and export) -----------------------------------------------------
-def bridge_key_map(config: FlamingoConfig, num_blocks: int) -> dict[str, tuple[str, ...]]:
-    """flamingo_state_dict key -> the IDEFICS state-dict keys it is made of (two: concatenated along dim 0)."""
+def bridge_key_map(config: FlamingoConfig, num_blocks: int, tied: bool = False) -> dict[str, tuple[str, ...]]:
+    """flamingo_state_dict key -> the IDEFICS state-dict keys it is made of (two: concatenated along dim 0).
+    tied: the LM ties its embeddings (``tie_word_embeddings``)."""
     mapping: dict[str, tuple[str, ...]] = {}
     if config.use_resampler:
         p = "model.perceiver_resampler."
@@ -197,8 +198,14 @@ def bridge_key_map(config: FlamingoConfig, num_blocks: int) -> dict[str, tuple[s
             mapping[ours + f"ff.{name}.weight"] = (x + f"mlp.{name}_proj.weight",)
     if config.new_token_ids:
         mapping["new_token_embeddings.weight"] = ("model.embed_tokens.additional_embedding.weight",)
-        mapping["new_token_lm_head.weight"] = ("lm_head.additional_fc.weight",)
+        if not tied:  # tied: IDEFICS's additional_fc is its additional_embedding, as our head's new rows are
+            mapping["new_token_lm_head.weight"] = ("lm_head.additional_fc.weight",)
     return mapping
+
+
+def _ties_embeddings(model: FlamingoModel) -> bool:
+    """Whether the LM's head shares its input embedding (then the new tokens' output rows are their input rows)."""
+    return "new_token_lm_head.weight" not in model.flamingo_state_dict()
 
 
 # ---- tokenizer -------------------------------------------------------------------------------------
@@ -276,7 +283,7 @@ def load_idefics_weights(model: FlamingoModel, idefics: nn.Module) -> None:
     """Copy an IDEFICS model's bridge (perceiver, gated cross-attention layers, additional token rows) into ``model``."""
     src = idefics.state_dict()
     ours = model.flamingo_state_dict()
-    mapping = bridge_key_map(model.config, len(model.xattn_blocks))
+    mapping = bridge_key_map(model.config, len(model.xattn_blocks), _ties_embeddings(model))
     missing = sorted({k for keys in mapping.values() for k in keys if k not in src})
     unmapped = sorted(set(ours) - set(mapping) - {"resampler.time_embeddings"})
     if missing or unmapped:
@@ -387,8 +394,6 @@ def export_problems(model: FlamingoModel) -> list[str]:
         problems.append("the LM has attention or MLP biases, which IDEFICS's decoder lacks")
     if getattr(lm_config, "head_dim", hidden // heads) != hidden // heads:
         problems.append(f"the LM's head_dim={lm_config.head_dim} is not hidden_size / heads = {hidden // heads}")
-    if lm_config.tie_word_embeddings:
-        problems.append("the LM ties its embeddings (the converter handles untied IDEFICS heads only)")
     if c.vision_type != "clip" or not c.vision_keep_cls or c.vision_post_norm or c.vision_feature_layer != -1:
         problems.append(
             "IDEFICS's vision features are a CLIP ViT's last hidden state with the CLS token and no post-norm: needs "
@@ -436,7 +441,7 @@ def idefics_config_for(model: FlamingoModel):
         additional_vocab_size=len(c.new_token_ids), hidden_size=lm.hidden_size, intermediate_size=lm.intermediate_size,
         num_hidden_layers=lm.num_hidden_layers, num_attention_heads=lm.num_attention_heads, dropout=0.0,
         hidden_act=lm.hidden_act, rms_norm_eps=lm.rms_norm_eps, max_position_embeddings=lm.max_position_embeddings,
-        rope_parameters=dict(lm.rope_parameters), tie_word_embeddings=False,
+        rope_parameters=dict(lm.rope_parameters), tie_word_embeddings=bool(lm.tie_word_embeddings),
         pad_token_id=c.pad_token_id, bos_token_id=lm.bos_token_id, eos_token_id=c.eos_token_id,
         cross_layer_interval=c.cross_attn_every_n_layers, qk_layer_norms=c.xattn_qk_norm, use_resampler=c.use_resampler,
         alpha_type="vector" if c.xattn_gate == "vector" else "float",
@@ -468,10 +473,12 @@ def export_idefics(model: FlamingoModel) -> nn.Module:
     vision = model.vision_encoder.model
     state.update({f"model.vision_model.{k}": v.float() for k, v in getattr(vision, "vision_model", vision).state_dict().items()})
     ours = model.flamingo_state_dict()
-    for our_key, parts in bridge_key_map(model.config, len(model.xattn_blocks)).items():
+    for our_key, parts in bridge_key_map(model.config, len(model.xattn_blocks), _ties_embeddings(model)).items():
         values = ours[our_key].detach().float().chunk(len(parts), dim=0)
         for key, value in zip(parts, values):
             state[key] = value.reshape(target[key].shape)
+    if _ties_embeddings(model) and model.config.new_token_ids:  # one tensor under both of IDEFICS's names
+        state["lm_head.additional_fc.weight"] = state["model.embed_tokens.additional_embedding.weight"]
     missing, unexpected = sorted(set(target) - set(state)), sorted(set(state) - set(target))
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
