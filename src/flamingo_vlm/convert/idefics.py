@@ -23,6 +23,9 @@ Its parts, and what they become here:
     image_attention_mask (processor)   each token sees the last ``<image>`` at or before it, none before the first
                                        image, and none after an EOS until the next image (the EOS itself still
                                        sees it): ``media_attention="last"``, ``reset_media_after_eos=True``
+    prompts (processor)                ``<fake_token_around_image>`` around each run of images:
+                                       ``media_wrapper_token``; no end-of-chunk token: ``<end_of_utterance>``
+                                       (instruct models) or the EOS is ``end_of_chunk_token``
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ class IdeficsConversionReport:
 
 
 # ---- reading -----------------------------------------------------------------------------------
-def load_idefics_model(source: Any, dtype: torch.dtype | None = None) -> nn.Module:
+def load_idefics_model(source: Any, dtype: torch.dtype | str | None = None) -> nn.Module:
     """An ``IdeficsForVisionText2Text``: ``source`` itself, or ``from_pretrained(source)`` (local path or hub id)."""
     from transformers import IdeficsForVisionText2Text
 
@@ -302,12 +305,13 @@ def load_idefics(
     source: Any,
     tokenizer: Any = None,
     *,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> tuple[FlamingoModel, FlamingoProcessor, IdeficsConversionReport]:
     """A flamingo_vlm model (and processor) computing what an ``IdeficsForVisionText2Text`` computes.
 
     source: the IDEFICS model, or a local path or hub id of one (``HuggingFaceM4/idefics-9b``); tokenizer: its
-    tokenizer (object or path; default: ``source``'s). The LM becomes a ``LlamaForCausalLM`` and the vision
+    tokenizer (object or path; default: ``source``'s; given no pad token, it pads with its unk token as IDEFICS
+    does); dtype: of the loaded checkpoint (``"auto"``: its own). The LM becomes a ``LlamaForCausalLM`` and the vision
     tower a ``CLIPVisionModel``, both in memory: :func:`save_idefics_conversion` writes all of it to a directory.
     Raises, naming them, for IDEFICS options it cannot express (see :func:`unsupported_options`).
     """
@@ -334,7 +338,8 @@ def load_idefics(
 
 def save_idefics_conversion(model: FlamingoModel, processor: FlamingoProcessor, out: str | os.PathLike) -> None:
     """Write a converted model as a self-contained directory: the Llama LM under ``lm/``, the CLIP vision tower (and
-    its preprocessor_config.json) under ``vision/``, the bridge, config and processor at the top."""
+    its preprocessor_config.json) under ``vision/``, the bridge, config and processor at the top. ``model.config``
+    is updated to name those backbone directories."""
     import dataclasses
 
     out = Path(out)
