@@ -279,6 +279,7 @@ def test_convert_commands_round_trip(idefics_dir, tmp_path, capsys):
     model, processor = load_flamingo(out)
     assert real_token_diff(our_logits(model, batch), expected, batch[1]) < TOL
     assert processor.tokenizer.convert_tokens_to_ids(IDEFICS_MEDIA_TOKEN) == model.config.media_token_id
+    assert (model.vision_encoder.preprocessing.resize, processor.media_wrapper_token) == ("squash", IDEFICS_IMAGE_WRAPPER_TOKEN)
 
     back = tmp_path / "back"
     assert main(["convert", "to-idefics", str(out), "--out", str(back)]) == 0
@@ -321,7 +322,10 @@ def test_processor_tokenizes_like_the_idefics_processor():
 
     idefics, tokenizer = tiny_idefics()
     _, processor, _ = load_idefics(idefics, tokenizer)
-    images = [Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), c) for c in ("red", "green", "blue", "white")]
+    g = torch.Generator().manual_seed(0)
+    images = [  # non-square, textured: IDEFICS squashes the whole image, where CLIP's processor would crop
+        Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy()) for h, w in ((40, 28), (30, 50), (20, 20), (64, 33))
+    ]
     prompts = [
         ["User:", images[0], "Describe this image.\nAssistant: two cats.\n", "User:", images[1], images[2], "And these?\nAssistant:"],
         ["Question:", images[3], "What is it? Answer:"],
@@ -331,6 +335,8 @@ def test_processor_tokenizes_like_the_idefics_processor():
     ours = processor(prompts)
     assert torch.equal(ours["input_ids"], theirs["input_ids"])
     assert torch.equal(ours["attention_mask"], theirs["attention_mask"])
+    their_pixels = torch.cat([theirs["pixel_values"][0, :3], theirs["pixel_values"][1, :1]])
+    assert (ours["pixel_values"][:, 0] - their_pixels).abs().max() < 1e-5
     assert processor.format_text(processor.format_text("a<image><image>b")) == (
         "a<fake_token_around_image><image><fake_token_around_image><image><fake_token_around_image>b"
     )

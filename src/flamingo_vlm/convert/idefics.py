@@ -42,7 +42,13 @@ from torch import nn
 from ..config import FlamingoConfig
 from ..modeling.flamingo import FlamingoModel
 from ..modeling.lm import ExtendedEmbedding
-from ..modeling.vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, load_vision_encoder
+from ..modeling.vision import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    ImagePreprocessing,
+    _preprocessor_config_file,
+    load_vision_encoder,
+)
 from ..processing import FlamingoProcessor, ImageTransform
 
 IDEFICS_MEDIA_TOKEN = "<image>"
@@ -254,12 +260,27 @@ def _load_tokenizer(tokenizer: Any, source: Any):
     return AutoTokenizer.from_pretrained(path)
 
 
-def _image_preprocessing(source: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """IDEFICS's image mean/std from its preprocessor_config.json when ``source`` is a directory holding one."""
-    if isinstance(source, (str, os.PathLike)) and (Path(source) / "preprocessor_config.json").is_file():
-        data = json.loads((Path(source) / "preprocessor_config.json").read_text())
-        return tuple(data.get("image_mean", OPENAI_CLIP_MEAN)), tuple(data.get("image_std", OPENAI_CLIP_STD))
-    return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # IdeficsImageProcessor's defaults
+def idefics_image_preprocessing(source: Any, image_size: int) -> ImagePreprocessing:
+    """What IDEFICS's image processor computes: the whole image squashed to ``image_size`` x ``image_size``
+    (bicubic, no crop; torchvision-backed, as transformers 5 loads ``IdeficsImageProcessor``), normalised with
+    the mean/std of ``source``'s preprocessor_config.json (a local directory or hub id), else its defaults."""
+    file = _preprocessor_config_file(source) if isinstance(source, (str, os.PathLike)) else None
+    data = json.loads(Path(file).read_text()) if file else {}
+    mean, std = data.get("image_mean", OPENAI_CLIP_MEAN), data.get("image_std", OPENAI_CLIP_STD)
+    return ImagePreprocessing(
+        image_size=image_size, image_mean=tuple(mean), image_std=tuple(std), resize="squash", resample="bicubic",
+        crop_offset="floor", resize_backend="pil" if str(data.get("image_processor_type", "")).endswith("Pil") else "torch",
+    )
+
+
+def _preprocessor_config(pre: ImagePreprocessing) -> dict[str, Any]:
+    """A preprocessor_config.json that :meth:`ImagePreprocessing.from_preprocessor_config` reads back as ``pre``
+    (squash resize, no crop)."""
+    return {
+        "image_processor_type": "IdeficsImageProcessor" + ("Pil" if pre.resize_backend == "pil" else ""),
+        "size": {"height": pre.image_size, "width": pre.image_size}, "do_center_crop": False, "do_resize": True,
+        "resample": 3 if pre.resample == "bicubic" else 2, "image_mean": list(pre.image_mean), "image_std": list(pre.image_std),
+    }
 
 
 # ---- load ----------------------------------------------------------------------------------------
@@ -323,9 +344,8 @@ def load_idefics(
     tokenizer = _load_tokenizer(tokenizer, source)
     tokens = _token_ids(tokenizer, c)
     lm, vision = idefics_lm(idefics), idefics_vision(idefics)
-    mean, std = _image_preprocessing(source)
     encoder = load_vision_encoder(vision, "clip", post_norm=False, keep_cls=True)
-    encoder.preprocessing = type(encoder.preprocessing)(int(c.vision_config.image_size), mean, std)
+    encoder.preprocessing = idefics_image_preprocessing(source, int(c.vision_config.image_size))
     config = flamingo_config_for(c, tokens)
     model = FlamingoModel(config, lm, encoder)  # the bridge in fp32, as trained weights are kept here
     load_idefics_weights(model, idefics)
@@ -348,10 +368,7 @@ def save_idefics_conversion(model: FlamingoModel, processor: FlamingoProcessor, 
     processor.tokenizer.save_pretrained(lm_dir)
     vision = model.vision_encoder.model
     vision.save_pretrained(vision_dir)
-    pre = model.vision_encoder.preprocessing
-    (vision_dir / "preprocessor_config.json").write_text(json.dumps(
-        {"size": pre.image_size, "crop_size": pre.image_size, "image_mean": list(pre.image_mean), "image_std": list(pre.image_std)}, indent=2,
-    ))
+    (vision_dir / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(model.vision_encoder.preprocessing), indent=2))
     model.config = dataclasses.replace(model.config, lm_name_or_path=str(lm_dir.resolve()), vision_name_or_path=str(vision_dir.resolve()))
     model.save_pretrained(out)
     processor.save_pretrained(out)

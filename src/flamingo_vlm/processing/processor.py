@@ -26,6 +26,7 @@ from ..config import END_OF_CHUNK_TOKEN, MEDIA_TOKEN, PAD_TOKEN
 from ..modeling.loss import IGNORE_INDEX
 from .images import ImageTransform
 from .labels import make_labels
+from .text import PromptTokenizer
 
 PROCESSOR_CONFIG_NAME = "flamingo_processor.json"
 
@@ -53,7 +54,13 @@ def add_special_tokens(tokenizer, *, media_token: str = MEDIA_TOKEN, end_of_chun
 
 
 class FlamingoProcessor:
-    """Tokenizer + image transform for interleaved prompts."""
+    """Tokenizer + image transform for interleaved prompts.
+
+    special_tokens_in_text: what becomes of the tokenizer's special tokens (BOS, EOS, pad, any added token
+    other than ``<image>`` / ``<|endofchunk|>``, which are the prompt's syntax) written literally in text:
+    "allow" (the default) tokenises them as those tokens, "escape" as plain text (``flamingo serve`` does),
+    "refuse" raises a ``ValueError`` naming the token (:mod:`flamingo_vlm.processing.text`).
+    """
 
     def __init__(
         self,
@@ -62,6 +69,7 @@ class FlamingoProcessor:
         *,
         media_token: str = MEDIA_TOKEN,
         end_of_chunk_token: str = END_OF_CHUNK_TOKEN,
+        special_tokens_in_text: str = "allow",
         media_wrapper_token: str | None = None,
     ) -> None:
         """media_wrapper_token: a token written around each run of media (IDEFICS's ``<fake_token_around_image>``:
@@ -79,6 +87,24 @@ class FlamingoProcessor:
             raise ValueError("the tokenizer has no pad token: call flamingo_vlm.add_special_tokens(tokenizer) first")
         self.media_token_id = tokenizer.convert_tokens_to_ids(media_token)
         self.end_of_chunk_token_id = tokenizer.convert_tokens_to_ids(end_of_chunk_token)
+        self.special_tokens_in_text = special_tokens_in_text
+
+    @property
+    def special_tokens_in_text(self) -> str:
+        """One of "allow", "escape", "refuse" (see the class docstring); may be set on a loaded processor."""
+        return self._prompt_tokenizer.policy
+
+    @special_tokens_in_text.setter
+    def special_tokens_in_text(self, policy: str) -> None:
+        markers = (self.media_token, self.end_of_chunk_token) + ((self.media_wrapper_token,) if self.media_wrapper_token else ())
+        self._prompt_tokenizer = PromptTokenizer(self.tokenizer, markers, policy)
+
+    def tokenize(self, texts: str | list[str], **kwargs: Any):
+        """Prompt strings (text joined with media/end-of-chunk markers) -> the tokenizer's ``BatchEncoding``,
+        special tokens typed in the text treated by :attr:`special_tokens_in_text`. ``kwargs`` go to the
+        tokenizer call (``padding``, ``padding_side``, ``return_tensors``, ``add_special_tokens``...).
+        Every prompt the library tokenises (processor, generation, scoring) goes through here."""
+        return self._prompt_tokenizer(texts, **kwargs)
 
     # ---- inputs -> tensors -------------------------------------------------------------------
     def __call__(
@@ -106,7 +132,7 @@ class FlamingoProcessor:
             raise ValueError("nothing to process: the inputs hold no text and no media")
         strings = [self.format_text(s) for s, _ in samples]
         media = [m for _, row in samples for m in row]
-        enc = self.tokenizer(strings, padding=True, padding_side=padding_side, return_tensors="pt")
+        enc = self.tokenize(strings, padding=True, padding_side=padding_side, return_tensors="pt")
         counts = (enc["input_ids"] == self.media_token_id).sum(dim=1).tolist()
         for i, ((_, row), n) in enumerate(zip(samples, counts)):
             if n != len(row):
@@ -214,7 +240,7 @@ class FlamingoProcessor:
         self.tokenizer.save_pretrained(directory)
         self.image_transform.save(directory)
         with open(os.path.join(directory, PROCESSOR_CONFIG_NAME), "w") as f:
-            tokens = {"media_token": self.media_token, "end_of_chunk_token": self.end_of_chunk_token}
+            tokens = {"media_token": self.media_token, "end_of_chunk_token": self.end_of_chunk_token, "special_tokens_in_text": self.special_tokens_in_text}
             if self.media_wrapper_token is not None:
                 tokens["media_wrapper_token"] = self.media_wrapper_token
             json.dump(tokens, f, indent=2)

@@ -25,6 +25,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-media", type=int, default=d.max_media, help="images + videos per request")
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels)
     p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / 2**20)
+    p.add_argument("--special-tokens-in-text", choices=("escape", "refuse", "allow"), default="escape",
+                   help="the LM's special tokens (e.g. </s>) typed in prompts: tokenised as plain text (default), refused, or allowed")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=run_serve_cli)
     return p
@@ -57,6 +59,7 @@ def run_serve_cli(args: argparse.Namespace) -> int:
     path = resolve_model_dir(args.model)
     print(f"loading {path} ...", flush=True)
     model, processor = load_flamingo(path)
+    processor.special_tokens_in_text = args.special_tokens_in_text
     if args.device:
         model.to(args.device)
     limits = Limits(max_new_tokens=args.max_new_tokens, max_media=args.max_media, max_image_pixels=args.max_image_pixels,
