@@ -284,6 +284,9 @@ def test_convert_commands_round_trip(idefics_dir, tmp_path, capsys):
     back = tmp_path / "back"
     assert main(["convert", "to-idefics", str(out), "--out", str(back)]) == 0
     again = IdeficsForVisionText2Text.from_pretrained(back).eval()
+    from transformers import AutoProcessor
+
+    assert AutoProcessor.from_pretrained(back).image_processor.size.height == IMAGE_SIZE
     assert real_token_diff(reference_logits(again, tokenizer, batch), expected, batch[1]) < TOL
     for key, value in idefics.state_dict().items():
         assert torch.equal(again.state_dict()[key], value), key

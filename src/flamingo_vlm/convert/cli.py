@@ -85,13 +85,12 @@ def cmd_from_idefics(args: argparse.Namespace) -> int:
 
 def cmd_to_idefics(args: argparse.Namespace) -> int:
     from .. import load_flamingo
-    from .idefics import export_idefics
+    from .idefics import export_idefics, idefics_processor
 
     model, processor = load_flamingo(args.model)
-    idefics = export_idefics(model)
-    idefics.save_pretrained(args.out)
-    processor.tokenizer.save_pretrained(args.out)
-    print(f"wrote an IdeficsForVisionText2Text (and its tokenizer) to {args.out}")
+    export_idefics(model).save_pretrained(args.out)
+    idefics_processor(model, processor).save_pretrained(args.out)
+    print(f"wrote an IdeficsForVisionText2Text and its IdeficsProcessor to {args.out}")
     return 0
 
 

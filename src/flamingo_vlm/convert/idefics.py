@@ -507,3 +507,13 @@ def export_idefics(model: FlamingoModel) -> nn.Module:
         raise ValueError(f"flamingo_vlm -> IDEFICS mapping incomplete: missing {missing[:10]}, unexpected {unexpected[:10]}")
     idefics.load_state_dict({k: v for k, v in state.items() if k in target}, strict=False)
     return idefics
+
+
+def idefics_processor(model: FlamingoModel, processor: FlamingoProcessor):
+    """transformers' ``IdeficsProcessor`` for an exported model: its tokenizer, and an ``IdeficsImageProcessor``
+    of the vision encoder's size, mean and std."""
+    from transformers import IdeficsImageProcessor, IdeficsProcessor
+
+    pre = model.vision_encoder.preprocessing
+    image_processor = IdeficsImageProcessor(image_size=pre.image_size, image_mean=list(pre.image_mean), image_std=list(pre.image_std))
+    return IdeficsProcessor(image_processor, processor.tokenizer)
