@@ -19,6 +19,16 @@ def parameter_counts(model: Any) -> tuple[int, int]:
     return trainable, total
 
 
+DEVICE_HELP = "cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)"
+
+
+def default_device(device: Any = None) -> str:
+    """``device`` as given, else ``"cuda"`` when available, else ``"cpu"`` (the default of every command)."""
+    import torch
+
+    return str(device) if device else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def run_banner(command: str, model: Any, *, device: Any, output: Any = None) -> str:
     """One line: ``flamingo train: output runs/x | parameters 1.20M trainable / 125.30M total | device cpu``."""
     trainable, total = parameter_counts(model)
@@ -27,4 +37,4 @@ def run_banner(command: str, model: Any, *, device: Any, output: Any = None) -> 
     return f"flamingo {command}: " + " | ".join(parts)
 
 
-__all__ = ["parameter_counts", "run_banner"]
+__all__ = ["default_device", "parameter_counts", "run_banner"]
