@@ -45,6 +45,26 @@ from .schemas import GenerateRequest, Limits, ScoreRequest, parse_json, validate
 log = logging.getLogger("flamingo_vlm.serving")
 
 
+@asynccontextmanager
+async def _timeout(seconds: float | None):
+    """``asyncio.timeout`` (Python 3.11+: no task per chunk), or ``wait_for``'s cancellation on 3.10."""
+    if seconds is None:
+        yield
+    elif hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(seconds):
+            yield
+    else:  # Python 3.10
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        handle = loop.call_later(seconds, task.cancel)
+        try:
+            yield
+        except asyncio.CancelledError:
+            raise TimeoutError from None
+        finally:
+            handle.cancel()
+
+
 async def read_body(request: Request, max_bytes: int, timeout_s: float | None = None) -> bytes:
     """The request body, refused with 413 as soon as it is over ``max_bytes`` (declared or streamed), and with
     408 when the client stalls over ``timeout_s`` seconds between chunks (the connection is then closed)."""
@@ -55,10 +75,11 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float | None = 
     stream = request.stream().__aiter__()
     while True:
         try:
-            chunk = await asyncio.wait_for(stream.__anext__(), timeout_s)
+            async with _timeout(timeout_s):
+                chunk = await stream.__anext__()
         except StopAsyncIteration:
             break
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise RequestError(408, f"the request body stalled: nothing received for {timeout_s:g} s") from None
         size += len(chunk)
         if size > max_bytes:

@@ -122,14 +122,6 @@ class PromptReader:
         marker = self.processor.media_token
         texts = [marker if isinstance(x, OpenedMedium) else x for x in items]
         self._check_text_length(sum(len(t) for t in texts), "the prompt's text")
-        num_tokens = len(self._tokenizer()("".join(texts))["input_ids"])
-        if num_tokens > self.limits.max_prompt_tokens:
-            raise too_large(f"the prompt is {num_tokens} tokens, over the server's limit of {self.limits.max_prompt_tokens}")
-        if self.max_positions is not None and num_tokens + new_tokens > self.max_positions:
-            raise too_large(
-                f"the prompt ({num_tokens} tokens) plus {new_tokens} new tokens is over the language model's "
-                f"{self.max_positions} positions"
-            )
         media = [x for x in items if isinstance(x, OpenedMedium)]
         frames = [f for m in media for f in m.frames]
         pixels = sum(m.pixels for m in media)
@@ -137,6 +129,14 @@ class PromptReader:
             raise too_large(
                 f"the request's images and frames hold {pixels:,} pixels together, over the server's limit of "
                 f"{self.limits.max_request_pixels:,}"
+            )
+        num_tokens = len(self._tokenizer()("".join(texts))["input_ids"])
+        if num_tokens > self.limits.max_prompt_tokens:
+            raise too_large(f"the prompt is {num_tokens} tokens, over the server's limit of {self.limits.max_prompt_tokens}")
+        if self.max_positions is not None and num_tokens + new_tokens > self.max_positions:
+            raise too_large(
+                f"the prompt ({num_tokens} tokens) plus {new_tokens} new tokens is over the language model's "
+                f"{self.max_positions} positions"
             )
         largest = max((f.size[0] * f.size[1] for f in frames), default=0)
         cost = len(frames) * self.frame_bytes + frame_decode_bytes(largest)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,17 +132,24 @@ def parse_json(body: bytes) -> dict:
     return data
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
+def _has_surrogate(text: str) -> bool:
+    if text.isascii():  # the common case, and fast on a long text
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # only a lone surrogate cannot be encoded
+        return True
+    return False
 
 
 def _lone_surrogate(value: Any, where: str) -> str | None:
     """The place (``prompt[1].text``) of the first string (or key) holding a lone surrogate, else None."""
     if isinstance(value, str):
-        return where if _SURROGATE.search(value) else None
+        return where if _has_surrogate(value) else None
     if isinstance(value, dict):
         for key, item in value.items():
             place = f"{where}.{key}" if where else str(key)
-            if _SURROGATE.search(key):
+            if _has_surrogate(key):
                 return f"{where or 'body'} (a key)"
             found = _lone_surrogate(item, place)
             if found is not None:
