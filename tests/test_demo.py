@@ -1,7 +1,7 @@
 """A tiny end-to-end run of the demo pipeline: toy world -> toy backbones -> training -> few-shot eval."""
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 
@@ -10,10 +10,15 @@ from flamingo_vlm.toyworld.cache import ensure_toyworld
 from flamingo_vlm.toyworld.demo import DemoSettings, run_demo
 
 
-def test_tiny_demo_end_to_end(tmp_path, monkeypatch):
+def test_tiny_demo_end_to_end(tmp_path, monkeypatch, capsys):
     torch.set_num_threads(1)
     tiny_sizes = BackboneSizes.tiny()
     summary = run_demo(tmp_path / "out", cache_dir=tmp_path / "cache", settings=DemoSettings.tiny(), world_preset="tiny", progress=False)
+    printed = capsys.readouterr().out
+    assert "toy backbones: pretrained here" in printed  # the tiny preset ships nothing
+    # each task's numbers are printed as soon as its runs are scored, before the whole table
+    streamed = [line.split()[0] for line in printed.split("few-shot evaluation")[1].split("\n\n")[0].splitlines()[2:]]
+    assert streamed == [row["task"] for row in summary["summary"][:: len(DemoSettings.tiny().shots)]]
     out = tmp_path / "out"
     for name in ("results.json", "results.txt", "few_shot.png", "eval.json", "model/model.safetensors"):
         assert (out / name).is_file(), name
@@ -41,3 +46,38 @@ def test_tiny_demo_end_to_end(tmp_path, monkeypatch):
     assert (paths["lm"] / "DONE").stat().st_mtime_ns == lm_stamp
     assert (paths["clip"] / "DONE").stat().st_mtime_ns != clip_stamp
     assert json.loads((paths["clip"] / "DONE").read_text())["settings"]["clip_steps"] == tiny_sizes.clip_steps + 1
+
+
+def test_the_shipped_backbones_are_what_the_code_trains(tmp_path):
+    """The full preset's backbones in the package were trained by this code on this world's data; a change to
+    either (settings, LM corpus, image-text pairs, backbones.py) must come with `flamingo demo --rebuild` and
+    `python -m flamingo_vlm.toyworld.cache` (docs/toyworld.md), or the demo would pretrain them itself."""
+    from flamingo_vlm.toyworld.cache import SHIPPED, _shipped, backbone_sources, build_info
+    from flamingo_vlm.toyworld.generate import generate_world
+
+    world = generate_world(tmp_path / "world", parts=("text", "pairs"), progress=False)  # ~12 s of CPU
+    assert build_info(SHIPPED / "lm").get("sources") == backbone_sources(world)
+    settings = asdict(BackboneSizes())
+    lm_settings = {k: v for k, v in settings.items() if k.startswith("lm_") or k == "vocab_size"}
+    clip_settings = {"lm": lm_settings, **{k: v for k, v in settings.items() if k.startswith("clip_")}}
+    assert _shipped("lm", lm_settings, world) == SHIPPED / "lm"
+    assert _shipped("clip", clip_settings, world) == SHIPPED / "clip"
+    # and they load through from_pretrained, the path a real backbone takes
+    from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
+
+    assert AutoModelForCausalLM.from_pretrained(SHIPPED / "lm").config.num_hidden_layers == BackboneSizes().lm_layers
+    assert len(AutoTokenizer.from_pretrained(SHIPPED / "lm")) == BackboneSizes().vocab_size
+    assert CLIPVisionModel.from_pretrained(SHIPPED / "clip").config.num_hidden_layers == BackboneSizes().clip_layers
+
+
+def test_shipped_backbones_are_refused_when_anything_they_were_trained_from_changes(tmp_path, monkeypatch):
+    from flamingo_vlm.toyworld import cache
+
+    world = tmp_path / "world"
+    (world / "text").mkdir(parents=True)
+    (world / "text" / "lm_corpus.txt").write_text("another corpus\n")
+    shipped = cache.build_info(cache.SHIPPED / "lm")
+    assert cache._shipped("lm", shipped["settings"], world) is None  # other data
+    monkeypatch.setattr(cache, "backbone_sources", lambda w: shipped["sources"])
+    assert cache._shipped("lm", shipped["settings"], world) == cache.SHIPPED / "lm"
+    assert cache._shipped("lm", {**shipped["settings"], "lm_steps": 1}, world) is None  # other settings

@@ -175,6 +175,29 @@ def test_an_evaluation_run_encodes_each_support_image_once():
     assert counts == {"vision": distinct, "kv": distinct}  # four runs, 12 batches, 6 x 2 x (4 + 8) + 24 media shown
 
 
+def test_a_rices_query_image_goes_through_the_vision_encoder_once():
+    model, processor = build("llama")
+    open_gates(model)
+    support = [Example(f"s{i}", [solid(i, size=(36, 36 + i))], {"answer": str(i)}) for i in range(10)]
+    queries = [Example(f"q{i}", [solid(i + 3, size=(50, 40 + i))], {"answer": str(i)}) for i in range(6)]
+    task = Colours(support, queries)
+    counts, hooks = _count_work(model)
+    results = evaluate(model, processor, [task], shots=[3], selection="rices", batch_size=4, progress=False)
+    for h in hooks:
+        h.remove()
+    shown = {s for p in results["runs"][0]["predictions"] for s in p["shots"]}
+    # the support once for retrieval, the shots shown once more for their tokens, each query image once
+    assert counts["vision"] == len(support) + len(shown) + len(queries)
+    assert counts["kv"] == len(shown) + len(queries)
+    # the tokens kept from the retrieval pass are the ones a fresh encoder computes
+    baseline = evaluate(model, processor, [task], shots=[3], selection="rices", batch_size=4, progress=False)
+    assert [p["prediction"] for p in baseline["runs"][0]["predictions"]] == [p["prediction"] for p in results["runs"][0]["predictions"]]
+    media = MediaEncoder(model, processor)
+    media.embeddings([q.media[0] for q in queries], keep_visual_tokens=True)
+    fresh = MediaEncoder(model, processor).visual_tokens([q.media[0] for q in queries])
+    torch.testing.assert_close(media.visual_tokens([q.media[0] for q in queries]), fresh, atol=1e-6, rtol=1e-6)
+
+
 def test_kshot_benchmark_runs_both_sides_and_compares_predictions():
     from flamingo_vlm.benchmark.cli import resolve_preset
     from flamingo_vlm.benchmark.kshot import run_kshot, table

@@ -258,3 +258,20 @@ def test_shutdown_cuts_a_long_generation_after_the_grace_period(model_and_proces
         assert not thread.is_alive() and took < 0.5 + 2.0, took
     finally:
         del model.lm.forward
+
+
+def test_special_tokens_typed_in_text_follow_the_processor_policy(model_and_processor):
+    model, processor = model_and_processor
+    eos = processor.tokenizer.eos_token
+    for policy, status in (("escape", 200), ("refuse", 422)):
+        processor.special_tokens_in_text = policy
+        try:
+            with TestClient(create_app(model, processor, limits=TEST_LIMITS, max_wait_ms=1)) as c:
+                r = c.post("/v1/generate", json={"prompt": [{"image": b64(image(RED))}, {"text": f"a{eos}Output:"}], "max_new_tokens": 2})
+                s = c.post("/v1/score", json={"prompt": _good(), "candidates": ["ok", f"x{eos}"]})
+        finally:
+            processor.special_tokens_in_text = "allow"
+        assert r.status_code == status and s.status_code == status, (policy, r.text, s.text)
+        if status == 422:
+            assert f"prompt: the text holds {eos!r}" in r.json()["error"]["message"]
+            assert f"candidates: text 1 holds {eos!r}" in s.json()["error"]["message"]

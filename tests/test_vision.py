@@ -7,7 +7,6 @@ import torch
 
 from flamingo_vlm.modeling.vision import (
     OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
     HFVisionEncoder,
     ImagePreprocessing,
     guess_vision_type,
@@ -63,8 +62,10 @@ def test_siglip_object_keeps_all_patches():
         ref = siglip(pixel_values=x).last_hidden_state
     assert feats.shape == (2, NUM_PATCHES, 32)  # SigLIP has no CLS token: every patch is kept
     assert torch.equal(feats, ref)
-    assert enc.preprocessing == ImagePreprocessing(IMAGE_SIZE, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    assert ImageTransform.for_encoder(enc) == ImageTransform(IMAGE_SIZE, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    # transformers' SiglipImageProcessor: squash to the square size, no crop
+    expected = dict(resize="squash", resize_size=IMAGE_SIZE, crop_offset="floor", resize_backend="torch")
+    assert enc.preprocessing == ImagePreprocessing(IMAGE_SIZE, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), **expected)
+    assert ImageTransform.for_encoder(enc) == ImageTransform(IMAGE_SIZE, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), **expected)
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
@@ -123,14 +124,15 @@ def test_preprocessing_read_from_preprocessor_config(tmp_path):
         {"crop_size": {"height": 24, "width": 24}, "size": {"shortest_edge": 28}, "image_mean": mean, "image_std": std}
     ))
     enc = load_vision_encoder(tmp_path)
-    assert enc.preprocessing == ImagePreprocessing(24, tuple(mean), tuple(std))
-    assert ImageTransform.for_encoder(enc) == ImageTransform(24, tuple(mean), tuple(std))
+    hf = dict(resize_size=28, crop_offset="floor", resize_backend="torch")
+    assert enc.preprocessing == ImagePreprocessing(24, tuple(mean), tuple(std), **hf)
+    assert ImageTransform.for_encoder(enc) == ImageTransform(24, tuple(mean), tuple(std), **hf)
     # SigLIP-style: size as height/width, no crop
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 20, "width": 20}}))
-    p = ImagePreprocessing.from_preprocessor_config(tmp_path, 99, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-    assert p == ImagePreprocessing(20, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-    # no preprocessor config: the defaults
-    assert ImagePreprocessing.from_preprocessor_config(tmp_path / "none", 99, (0.5,) * 3, (0.5,) * 3) == ImagePreprocessing(99, (0.5,) * 3, (0.5,) * 3)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 20, "width": 20}, "resample": 2}))
+    p = ImagePreprocessing.from_preprocessor_config(tmp_path, "siglip", 99)
+    assert p == ImagePreprocessing(20, (0.5,) * 3, (0.5,) * 3, resize="squash", resize_size=20, resample="bilinear", crop_offset="floor", resize_backend="torch")
+    # no preprocessor config: the processor class's defaults
+    assert ImagePreprocessing.from_preprocessor_config(tmp_path / "none", "clip", 99) == ImagePreprocessing(99, resize_size=99, **{k: v for k, v in hf.items() if k != "resize_size"})
 
 
 # ---- optional adapters ----------------------------------------------------------------------------

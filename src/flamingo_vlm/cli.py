@@ -55,7 +55,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .toyworld.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed, cache_dir=args.cache_dir, progress=not args.no_progress)
+    run_demo(args.out, quick=args.quick, seed=args.seed, cache_dir=args.cache_dir, progress=not args.no_progress, rebuild=args.rebuild)
     return 0
 
 
@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="flamingo-demo", help="where results.json, few_shot.png and the model go")
     demo.add_argument("--seed", type=int, default=0, help="seed of the bridge's training and the shot sampling")
     demo.add_argument("--cache-dir", default=None, help="toy world + backbones cache (default ~/.cache/flamingo-vlm)")
-    demo.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    demo.add_argument("--rebuild", action="store_true",
+                      help="generate the toy world and pretrain its backbones here, instead of the backbones shipped with the package")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=cmd_demo)
 
     add_train_parser(sub)

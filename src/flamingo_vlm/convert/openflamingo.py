@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -418,7 +418,10 @@ def load_openflamingo(
     })
     model = FlamingoModel(config, lm_model, encoder)
     report = load_openflamingo_weights(model, state)
-    processor = FlamingoProcessor(tokenizer, ImageTransform.for_encoder(encoder), media_token=OF_MEDIA_TOKEN, end_of_chunk_token=OF_END_OF_CHUNK_TOKEN)
+    # OpenFlamingo preprocesses with open_clip's eval transform (torchvision on PIL images: long side truncated,
+    # crop offset rounded), whichever library loads the tower here.
+    transform = replace(ImageTransform.for_encoder(encoder), crop_offset="round", resize_backend="pil")
+    processor = FlamingoProcessor(tokenizer, transform, media_token=OF_MEDIA_TOKEN, end_of_chunk_token=OF_END_OF_CHUNK_TOKEN)
     return model, processor, report
 
 

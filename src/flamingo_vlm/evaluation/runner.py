@@ -14,7 +14,8 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -258,6 +259,7 @@ def evaluate(
     model_name: str | None = None,
     config: dict | None = None,
     protocol: str | Protocol = "paper",
+    on_run: Callable[[dict, dict], None] | None = None,
 ) -> dict:
     """Evaluate ``model`` on every task at every number of shots and seed; return (and write) the results.
 
@@ -269,7 +271,8 @@ def evaluate(
     names); under a protocol with ``random_limit`` (openflamingo), a seeded random subset per seed.
     protocol: "paper" (default) or "openflamingo" (:mod:`flamingo_vlm.evaluation.protocol`); it is applied
     to every task (:meth:`Task.use_protocol`, settings given to a task's constructor kept) and recorded. results_path: the JSON written after every run; with ``resume``, runs already in it (same task,
-    shots, seed, selection, limit, ensemble) are skipped. Returns {"model", "config", "runs": [per run:
+    shots, seed, selection, limit, ensemble) are skipped. on_run(run, results): called after each run is
+    scored (e.g. to show a task's row as soon as it is complete). Returns {"model", "config", "runs": [per run:
     scores, per-example predictions, ...], "summary": [per (task, shots): mean/std over seeds]}.
     """
     proto = get_protocol(protocol)
@@ -336,6 +339,8 @@ def evaluate(
                     results["summary"] = summarize(results["runs"])
                     if results_path is not None:
                         _write_json(results_path, results)
+                    if on_run is not None:
+                        on_run(run, results)
     finally:
         model.train(was_training)
     results["summary"] = summarize(results["runs"])

@@ -140,8 +140,12 @@ class RICES:
             os.replace(tmp, path)
         return embeddings
 
-    def embed(self, examples: list[Example], desc: str | None = None) -> torch.Tensor:
-        """Examples -> [len, d]: the mean of their media embeddings, L2-normalised (zero without media)."""
+    def embed(self, examples: list[Example], desc: str | None = None, *, queries: bool = False) -> torch.Tensor:
+        """Examples -> [len, d]: the mean of their media embeddings, L2-normalised (zero without media).
+
+        queries: the examples are queries about to be prompted; their visual tokens are kept from the same
+        vision pass (``MediaEncoder.embeddings(keep_visual_tokens=True)``).
+        """
         per_example = [self.task.media_items(ex) for ex in examples]
         out: torch.Tensor | None = None
         bar = tqdm(total=len(examples), desc=desc, disable=not (self.progress and desc), unit="ex")
@@ -149,7 +153,7 @@ class RICES:
             chunk = per_example[start : start + self.batch_size]
             items = [m for media in chunk for m in media]
             if items:
-                emb = self.media.embeddings(items, self.task.num_frames)
+                emb = self.media.embeddings(items, self.task.num_frames, keep_visual_tokens=queries)
                 if out is None:
                     out = torch.zeros(len(examples), emb.shape[1])
                 owner = torch.tensor([start + i for i, media in enumerate(chunk) for _ in media])
@@ -173,7 +177,7 @@ class RICES:
         selected = []
         for start in range(0, len(queries), 256):  # [256, N] similarities at a time
             chunk = queries[start : start + 256]
-            similarity = self.embed(chunk) @ self.support_embeddings.T
+            similarity = self.embed(chunk, queries=True) @ self.support_embeddings.T
             for i in range(len(chunk)):  # never retrieve the query itself
                 similarity[i, excluded[start + i]] = -float("inf")
             top = similarity.topk(k, dim=1).indices.flip(1)  # ascending similarity: most similar last

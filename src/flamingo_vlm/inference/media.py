@@ -124,9 +124,13 @@ class MediaEncoder:
                 found[key] = value
         return found, missing
 
-    def _encode(self, items: list, num_frames: int, cache: _LRU, encode: Callable[[torch.Tensor], torch.Tensor]) -> list:
+    def _encode(self, items: list, num_frames: int, cache: _LRU, encode: Callable, side_cache: _LRU | None = None) -> list:
         """Per item, ``encode(pixel_values [m, T, C, H, W]) -> [m, ...]`` of it: from the cache, or computed
-        (batched, grouped by shape) for each distinct uncached medium once."""
+        (batched, grouped by shape) for each distinct uncached medium once.
+
+        side_cache: ``encode`` returns a pair ([m, ...] for ``cache``, [m, ...] for ``side_cache``), both
+        stored, the first returned: two products of one vision pass.
+        """
         found, missing = self._cached(items, num_frames, cache)
         device = self.model.device
         for start in range(0, len(missing), self.batch_size):  # streamed: only one batch of pixels alive
@@ -138,6 +142,10 @@ class MediaEncoder:
                 pixel_values = torch.stack([x for _, _, x in group]).to(device)
                 with torch.no_grad():
                     out = encode(pixel_values)
+                if side_cache is not None:
+                    out, side = out
+                    for (_, item, _), value in zip(group, side):
+                        self._store(side_cache, item, num_frames, value)
                 for (key, item, _), value in zip(group, out):
                     found[key] = value
                     self._store(cache, item, num_frames, value)
@@ -182,19 +190,28 @@ class MediaEncoder:
             (torch.stack([p[b][0] for p in per_item]), torch.stack([p[b][1] for p in per_item])) for b in range(len(per_item[0]))
         )
 
-    def embeddings(self, items: list, num_frames: int = 8) -> torch.Tensor:
+    def embeddings(self, items: list, num_frames: int = 8, *, keep_visual_tokens: bool = False) -> torch.Tensor:
         """Media -> [M, d]: the frozen vision encoder's features averaged over positions and frames, L2-normalised.
 
         The similarity RICES retrieves by (the paper uses the frozen encoder's image embedding).
+        keep_visual_tokens: also cache the media's visual tokens from the same vision pass, for media about to
+        be shown in a prompt (a RICES query's own image), so the encoder does not run on them twice.
         """
         if not items:
             return torch.zeros(0, 0)
 
-        def pooled(pixel_values: torch.Tensor) -> torch.Tensor:
-            features = self.model.encode_vision(pixel_values)  # [m, T, S, d]
+        def pooled(features: torch.Tensor) -> torch.Tensor:  # [m, T, S, d] -> [m, d]
             return F.normalize(features.float().mean(dim=(1, 2)), dim=-1).cpu()
 
-        return torch.stack(self._encode(items, num_frames, self._embeddings, pooled))
+        if not keep_visual_tokens:
+            return torch.stack(self._encode(items, num_frames, self._embeddings, lambda x: pooled(self.model.encode_vision(x))))
+
+        def pooled_and_tokens(pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            features = self.model.encode_vision(pixel_values)  # [m, T, S, d]
+            resampler = self.model.resampler  # encode_media's second half, on the features already computed
+            return pooled(features), resampler(features.to(resampler.latents.dtype), None)
+
+        return torch.stack(self._encode(items, num_frames, self._embeddings, pooled_and_tokens, side_cache=self._tokens))
 
     def prefetch(self, items: Iterable, num_frames: int = 8) -> None:
         """Encode many media ahead of use (batched): visual tokens, and keys/values within the budget."""

@@ -50,7 +50,7 @@ def encode_prompts(processor, prompts: list[list], media: MediaEncoder, *, num_f
                 tail = ""
         strings.append("".join(parts))
         tails.append(tail)
-    enc = processor.tokenizer(strings, padding=True, padding_side=padding_side, return_tensors="pt")
+    enc = processor.tokenize(strings, padding=True, padding_side=padding_side, return_tensors="pt")
     counts = (enc["input_ids"] == processor.media_token_id).sum(dim=1)
     expected = [sum(not isinstance(x, str) for x in items) for items in prompts]
     if counts.tolist() != expected:

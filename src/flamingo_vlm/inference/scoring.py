@@ -29,6 +29,7 @@ def continuation_token_ids(tokenizer, context: str, continuations: list[str], *,
     so a merge at the boundary is tokenised as in running text; if the context's tokens are not a prefix
     (a token spans the boundary), the continuation is tokenised alone. ``alone``: always tokenise the
     continuation by itself (OpenFlamingo's rank classification appends these ids to the prompt's).
+    ``tokenizer``: a tokenizer, or a processor's :meth:`~flamingo_vlm.FlamingoProcessor.tokenize`.
     """
     if alone:
         context = ""
@@ -74,7 +75,7 @@ def candidate_log_likelihoods(
         raise ValueError(f"{len(prompts)} prompts but {len(continuations)} candidate lists")
     media = media or MediaEncoder(model, processor)
     batch = encode_prompts(processor, prompts, media, num_frames=num_frames)
-    tokens = [continuation_token_ids(processor.tokenizer, tail, conts, alone=tokenize_alone) for tail, conts in zip(batch.tails, continuations)]
+    tokens = [continuation_token_ids(processor.tokenize, tail, conts, alone=tokenize_alone) for tail, conts in zip(batch.tails, continuations)]
     device = batch.input_ids.device
 
     out = model(

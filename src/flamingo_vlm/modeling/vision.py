@@ -8,6 +8,7 @@ extras: ``pip install flamingo-vlm[open_clip]`` / ``[timm]``).
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,27 +23,117 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+RESIZE_MODES = ("shortest_edge", "squash")
+RESAMPLE_FILTERS = ("bicubic", "bilinear")
+CROP_OFFSETS = ("round", "floor")
+RESIZE_BACKENDS = ("pil", "torch")
+_PIL_RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL.Image.Resampling codes in HF preprocessor configs
+
+
 @dataclass(frozen=True)
 class ImagePreprocessing:
-    """What an encoder expects of its input: square images of ``image_size`` px, scaled to [0, 1] and
-    normalised per channel with ``image_mean`` / ``image_std``. Plain data: the transform that applies it
-    is :class:`flamingo_vlm.processing.ImageTransform` (``ImageTransform.for_encoder(encoder)``)."""
+    """The pixels an encoder was trained with: plain data, applied by
+    :class:`flamingo_vlm.processing.ImageTransform` (``ImageTransform.for_encoder(encoder)``).
+
+    Encoder families disagree on the arithmetic, and a pixel off moves the features, so each is recorded:
+
+    - ``resize``: "shortest_edge" (the shorter side to ``resize_size``, the longer one ``int(resize_size *
+      long / short)``, as torchvision's ``Resize(int)`` and transformers' ``shortest_edge`` compute it) or
+      "squash" (to ``resize_size`` x ``resize_size``, aspect ratio not kept: SigLIP); then a centre crop
+      of ``image_size`` when the resized image is larger;
+    - ``resize_size``: the size before the crop (None: ``image_size``; timm: ``floor(image_size / crop_pct)``);
+    - ``resample``: "bicubic" or "bilinear";
+    - ``crop_offset``: "round" (torchvision's ``CenterCrop``: open_clip, OpenAI CLIP, timm) or "floor"
+      (transformers' image processors);
+    - ``resize_backend``: "pil" (PIL's ``Image.resize``: torchvision on PIL images, open_clip, timm,
+      transformers' ``*ImageProcessorPil``) or "torch" (torchvision's antialiased resize of uint8 tensors:
+      transformers 5's default, torchvision-backed image processors). They differ by a level or two on a few
+      pixels;
+    - ``image_mean`` / ``image_std``: per-channel normalisation of pixels scaled to [0, 1].
+    """
 
     image_size: int = 224
     image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     image_std: tuple[float, float, float] = OPENAI_CLIP_STD
+    resize: str = "shortest_edge"
+    resize_size: int | None = None
+    resample: str = "bicubic"
+    crop_offset: str = "round"
+    resize_backend: str = "pil"
+
+    def __post_init__(self) -> None:
+        for name, allowed in (
+            ("resize", RESIZE_MODES), ("resample", RESAMPLE_FILTERS), ("crop_offset", CROP_OFFSETS), ("resize_backend", RESIZE_BACKENDS)
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"image preprocessing: {name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.image_size < 1 or (self.resize_size is not None and self.resize_size < self.image_size):
+            raise ValueError(
+                f"image preprocessing: resize_size ({self.resize_size}) must be at least image_size ({self.image_size}) >= 1"
+            )
+        if len(self.image_mean) != 3 or len(self.image_std) != 3 or not all(x > 0 for x in self.image_std):
+            raise ValueError(f"image preprocessing: mean and std must have 3 values, std positive; got {self.image_mean}, {self.image_std}")
 
     @classmethod
-    def from_preprocessor_config(cls, path: str | os.PathLike, default_size: int, default_mean, default_std) -> "ImagePreprocessing":
-        """Read size/mean/std from a Hugging Face ``preprocessor_config.json`` when the directory has one."""
+    def from_preprocessor_config(cls, path: str | os.PathLike | None, vision_type: str, image_size: int) -> "ImagePreprocessing":
+        """What transformers' image processor of a checkpoint (a directory or hub name) computes, from its
+        ``preprocessor_config.json`` when it has one, else from the processor class's defaults (CLIP: shortest
+        edge + centre crop, SigLIP: squash; both bicubic, torchvision-backed as transformers 5 loads them)."""
+        if vision_type == "siglip":
+            data = {"size": {"height": image_size, "width": image_size}, "image_mean": (0.5, 0.5, 0.5), "image_std": (0.5, 0.5, 0.5)}
+        else:
+            data = {"size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size},
+                    "do_center_crop": True, "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD}
+        file = _preprocessor_config_file(path)
+        if file is not None:
+            data = {**data, **json.loads(Path(file).read_text())}
+        where = str(file) if file is not None else f"the {vision_type} image processor's defaults"
+        size = data.get("size") or {}
+        if isinstance(size, int):
+            size = {"shortest_edge": size}
+        if "shortest_edge" in size and not size.get("longest_edge"):
+            resize, resize_size = "shortest_edge", int(size["shortest_edge"])
+        elif size.get("height") and size.get("width") and size["height"] == size["width"]:
+            resize, resize_size = "squash", int(size["height"])
+        else:
+            raise ValueError(f"{where}: unsupported resize {size!r} (supported: shortest_edge, or a square height x width)")
+        crop = data.get("crop_size") if data.get("do_center_crop", False) else None
+        if isinstance(crop, int):
+            crop = {"height": crop, "width": crop}
+        if crop and crop.get("height") != crop.get("width"):
+            raise ValueError(f"{where}: non-square crop_size {crop!r} is not supported")
+        resample = data.get("resample", 3)
+        if resample not in _PIL_RESAMPLE:
+            raise ValueError(f"{where}: resample={resample!r} is not supported (2: bilinear, 3: bicubic)")
+        if not data.get("do_resize", True) or not data.get("do_rescale", True) or not data.get("do_normalize", True):
+            raise ValueError(f"{where}: do_resize, do_rescale and do_normalize must be on (an encoder takes resized, normalised pixels)")
+        # The saved config does not say which backend ran (a *Pil class saves its name without the suffix):
+        # AutoImageProcessor takes the torchvision one wherever torchvision is installed.
+        processor_type = str(data.get("image_processor_type", ""))
+        return cls(
+            image_size=int(crop["height"]) if crop else resize_size,
+            image_mean=tuple(data["image_mean"]), image_std=tuple(data["image_std"]),
+            resize=resize, resize_size=resize_size, resample=_PIL_RESAMPLE[resample], crop_offset="floor",
+            resize_backend="pil" if processor_type.endswith("Pil") else "torch",
+        )
+
+
+def _preprocessor_config_file(path: str | os.PathLike | None) -> str | None:
+    """The checkpoint's ``preprocessor_config.json`` (local, or from the hub cache / hub), None without one."""
+    if path is None:
+        return None
+    if os.path.isdir(path):
         file = Path(path) / "preprocessor_config.json"
-        if not file.is_file():
-            return cls(int(default_size), tuple(default_mean), tuple(default_std))
-        data = json.loads(file.read_text())
-        size = data.get("crop_size") or data.get("size") or default_size
-        if isinstance(size, dict):
-            size = size.get("height") or size.get("shortest_edge") or default_size
-        return cls(int(size), tuple(data.get("image_mean", default_mean)), tuple(data.get("image_std", default_std)))
+        return str(file) if file.is_file() else None
+    from transformers.utils import cached_file
+
+    try:
+        return cached_file(
+            str(path), "preprocessor_config.json",
+            _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False,
+        )
+    except OSError:
+        return None
 
 
 class VisionEncoder(nn.Module):
@@ -147,10 +238,8 @@ class TimmVisionEncoder(VisionEncoder):
 def _load_hf(name_or_path, vision_type: str, feature_layer: int, **kwargs) -> VisionEncoder:
     import transformers
 
-    if vision_type == "clip":
-        model_cls, mean, std = transformers.CLIPVisionModel, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-    else:
-        model_cls, mean, std = transformers.SiglipVisionModel, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    model_cls = transformers.CLIPVisionModel if vision_type == "clip" else transformers.SiglipVisionModel
+    _refuse_naflex(_model_type(name_or_path), name_or_path)
     if isinstance(name_or_path, nn.Module):
         model, path = name_or_path, getattr(name_or_path, "name_or_path", None)
         model = getattr(model, "vision_model", model) if not isinstance(model, model_cls) else model
@@ -159,10 +248,7 @@ def _load_hf(name_or_path, vision_type: str, feature_layer: int, **kwargs) -> Vi
     config = model.config
     if hasattr(config, "vision_config"):
         config = config.vision_config
-    if path:
-        preprocessing = ImagePreprocessing.from_preprocessor_config(path, config.image_size, mean, std)
-    else:
-        preprocessing = ImagePreprocessing(int(config.image_size), mean, std)
+    preprocessing = ImagePreprocessing.from_preprocessor_config(path, vision_type, int(config.image_size))
     return HFVisionEncoder(model, preprocessing, feature_layer=feature_layer, vision_type=vision_type, name_or_path=path)
 
 
@@ -171,12 +257,29 @@ def _load_open_clip(name_or_path, vision_type: str, feature_layer: int, pretrain
         import open_clip
     except ImportError as e:
         raise ImportError("the open_clip vision encoder needs `pip install flamingo-vlm[open_clip]`") from e
-    model, _, preprocess = open_clip.create_model_and_transforms(name_or_path, pretrained=pretrained, **kwargs)
-    size = model.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    mean = getattr(model.visual, "image_mean", None) or OPENAI_CLIP_MEAN
-    std = getattr(model.visual, "image_std", None) or OPENAI_CLIP_STD
-    return OpenClipVisionEncoder(model.visual, ImagePreprocessing(int(size), tuple(mean), tuple(std)), name_or_path=str(name_or_path))
+    model = open_clip.create_model(name_or_path, pretrained=pretrained, **kwargs)
+    return OpenClipVisionEncoder(model.visual, open_clip_preprocessing(model.visual), name_or_path=str(name_or_path))
+
+
+def open_clip_preprocessing(visual: nn.Module) -> ImagePreprocessing:
+    """open_clip's eval transform (``open_clip.image_transform``) from the visual tower's ``preprocess_cfg``:
+    torchvision ``Resize`` + ``CenterCrop`` ("shortest") or ``Resize((s, s))`` ("squash") on PIL images."""
+    cfg = dict(getattr(visual, "preprocess_cfg", None) or {})
+    size = cfg.get("size", visual.image_size)
+    if isinstance(size, (tuple, list)):
+        if size[0] != size[1]:
+            raise ValueError(f"open_clip: non-square image size {tuple(size)} is not supported")
+        size = size[0]
+    mode = cfg.get("resize_mode", "shortest")
+    if mode not in ("shortest", "squash"):
+        raise ValueError(f"open_clip: resize_mode {mode!r} is not supported (supported: 'shortest', 'squash')")
+    return ImagePreprocessing(
+        image_size=int(size),
+        image_mean=tuple(cfg.get("mean") or getattr(visual, "image_mean", None) or OPENAI_CLIP_MEAN),
+        image_std=tuple(cfg.get("std") or getattr(visual, "image_std", None) or OPENAI_CLIP_STD),
+        resize="shortest_edge" if mode == "shortest" else "squash",
+        resample=cfg.get("interpolation", "bicubic"), crop_offset="round", resize_backend="pil",
+    )
 
 
 def _load_timm(name_or_path, vision_type: str, feature_layer: int, pretrained: bool = True, **kwargs) -> VisionEncoder:
@@ -185,6 +288,15 @@ def _load_timm(name_or_path, vision_type: str, feature_layer: int, pretrained: b
     except ImportError as e:
         raise ImportError("the timm vision encoder needs `pip install flamingo-vlm[timm]`") from e
     model = timm.create_model(name_or_path, pretrained=pretrained, num_classes=0, **kwargs)
+    return TimmVisionEncoder(model, timm_preprocessing(model), name_or_path=str(name_or_path))
+
+
+def timm_preprocessing(model: nn.Module) -> ImagePreprocessing:
+    """timm's eval transform (``timm.data.create_transform(**resolve_data_config({}, model=model))``): the
+    shortest edge (crop_mode "center") or both sides ("squash") to ``floor(size / crop_pct)``, then a
+    torchvision centre crop, on PIL images."""
+    import timm
+
     cfg = timm.data.resolve_data_config({}, model=model)
     size = cfg["input_size"][-1]
     # The pretrained config keeps its input size when the model is built for another one (img_size=...):
@@ -192,8 +304,15 @@ def _load_timm(name_or_path, vision_type: str, feature_layer: int, pretrained: b
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if img_size is not None:
         size = img_size[-1] if isinstance(img_size, (tuple, list)) else img_size
-    preprocessing = ImagePreprocessing(int(size), tuple(cfg["mean"]), tuple(cfg["std"]))
-    return TimmVisionEncoder(model, preprocessing, name_or_path=str(name_or_path))
+    mode = cfg.get("crop_mode", "center")
+    if mode not in ("center", "squash"):
+        raise ValueError(f"timm: crop_mode {mode!r} is not supported (supported: 'center', 'squash')")
+    crop_pct = cfg.get("crop_pct", 1.0)
+    return ImagePreprocessing(
+        image_size=int(size), image_mean=tuple(cfg["mean"]), image_std=tuple(cfg["std"]),
+        resize="shortest_edge" if mode == "center" else "squash", resize_size=math.floor(size / crop_pct),
+        resample=cfg.get("interpolation", "bicubic"), crop_offset="round", resize_backend="pil",
+    )
 
 
 VISION_LOADERS: dict[str, Callable[..., VisionEncoder]] = {
@@ -204,13 +323,33 @@ VISION_LOADERS: dict[str, Callable[..., VisionEncoder]] = {
 }
 
 
+def _model_type(name_or_path) -> str | None:
+    """The transformers ``model_type`` of a model object or a local checkpoint directory (None otherwise)."""
+    if isinstance(name_or_path, nn.Module):
+        return getattr(getattr(name_or_path, "config", None), "model_type", None)
+    if (Path(str(name_or_path)) / "config.json").is_file():
+        return json.loads((Path(str(name_or_path)) / "config.json").read_text()).get("model_type")
+    return None
+
+
+def _refuse_naflex(model_type: str | None, name_or_path) -> None:
+    """SigLIP 2's NaFlex models (``Siglip2VisionModel``) take each image at its own aspect ratio, as a
+    variable-length patch sequence with ``pixel_attention_mask`` / ``spatial_shapes``: a batch of fixed-size
+    [N, C, H, W] images cannot give them the pixels they were trained with. The fixed-resolution SigLIP 2
+    checkpoints (``google/siglip2-*-patch16-224`` ... ``-512``) are ``SiglipVisionModel``s and work."""
+    if model_type and model_type.startswith("siglip2"):
+        name = getattr(name_or_path, "name_or_path", None) or type(name_or_path).__name__ if isinstance(name_or_path, nn.Module) else name_or_path
+        raise ValueError(
+            f"{name!s} is a SigLIP 2 NaFlex model (model_type={model_type!r}), which takes variable-resolution patch "
+            f"sequences (pixel_attention_mask, spatial_shapes), not fixed-size images: not supported. Use a fixed-resolution "
+            f"SigLIP 2 checkpoint (e.g. google/siglip2-so400m-patch14-384, a SiglipVisionModel) with vision_type='siglip'"
+        )
+
+
 def guess_vision_type(name_or_path) -> str:
     """'clip' or 'siglip' from a transformers model object or a directory's config.json."""
-    model_type = None
-    if isinstance(name_or_path, nn.Module):
-        model_type = getattr(getattr(name_or_path, "config", None), "model_type", None)
-    elif (Path(str(name_or_path)) / "config.json").is_file():
-        model_type = json.loads((Path(str(name_or_path)) / "config.json").read_text()).get("model_type")
+    model_type = _model_type(name_or_path)
+    _refuse_naflex(model_type, name_or_path)
     if model_type and "siglip" in model_type:
         return "siglip"
     if model_type and "clip" in model_type:

@@ -15,15 +15,16 @@ from __future__ import annotations
 import io
 import json
 import os
+import platform
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..modeling.vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VisionEncoder
+from ..modeling.vision import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImagePreprocessing, VisionEncoder
 
 IMAGE_TRANSFORM_NAME = "image_transform.json"
 
@@ -140,33 +141,85 @@ def _read_file(path: str | os.PathLike) -> bytes:
 
 @dataclass
 class ImageTransform:
-    """PIL image (or path, bytes, H x W x C uint8 array) -> float tensor [3, size, size].
+    """PIL image (or path, bytes, H x W x C uint8 array) -> float tensor [3, size, size]: the pixels an
+    encoder was trained with (:class:`~flamingo_vlm.modeling.vision.ImagePreprocessing` says how; the fields
+    here are its fields, ``size`` its ``image_size``).
 
-    Shortest side resized to ``size`` (bicubic), centre crop, scale to [0, 1], normalise per channel.
+    Resize (the shortest edge, or both sides with ``resize="squash"``, to ``resize_size``), centre crop to
+    ``size``, scale to [0, 1], normalise per channel. Each step does the arithmetic of the reference the
+    encoder family uses: torchvision's ``Resize`` / ``CenterCrop`` / ``ToTensor`` / ``Normalize`` on PIL
+    images (open_clip, timm, OpenAI CLIP), or transformers' image processors (crop offset floored; resize on
+    uint8 tensors for their torchvision backend). Tested against each reference.
     """
 
     size: int = 224
     mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     std: tuple[float, float, float] = OPENAI_CLIP_STD
+    resize: str = "shortest_edge"
+    resize_size: int | None = None
+    resample: str = "bicubic"
+    crop_offset: str = "round"
+    resize_backend: str = "pil"
+
+    def __post_init__(self) -> None:
+        self.mean, self.std = tuple(self.mean), tuple(self.std)
+        self.preprocessing  # validates the fields
+
+    @property
+    def preprocessing(self) -> ImagePreprocessing:
+        return ImagePreprocessing(
+            image_size=self.size, image_mean=self.mean, image_std=self.std, resize=self.resize, resize_size=self.resize_size,
+            resample=self.resample, crop_offset=self.crop_offset, resize_backend=self.resize_backend,
+        )
+
+    @classmethod
+    def from_preprocessing(cls, p: ImagePreprocessing) -> "ImageTransform":
+        return cls(
+            size=p.image_size, mean=tuple(p.image_mean), std=tuple(p.image_std), resize=p.resize, resize_size=p.resize_size,
+            resample=p.resample, crop_offset=p.crop_offset, resize_backend=p.resize_backend,
+        )
 
     @classmethod
     def for_encoder(cls, encoder: VisionEncoder) -> "ImageTransform":
         """The transform ``encoder`` was trained with (its :class:`~flamingo_vlm.modeling.vision.ImagePreprocessing`)."""
-        p = encoder.preprocessing
-        return cls(size=p.image_size, mean=tuple(p.image_mean), std=tuple(p.image_std))
+        return cls.from_preprocessing(encoder.preprocessing)
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) after the resize: torchvision's ``Resize(int)`` and transformers' ``shortest_edge``
+        both keep the short side exact and truncate the long one, ``int(target * long / short)``."""
+        target = self.resize_size or self.size
+        if self.resize == "squash":
+            return target, target
+        if width <= height:
+            return target, int(target * height / width)
+        return int(target * width / height), target
 
     def __call__(self, image: Any) -> torch.Tensor:
         image = load_image(image)
-        w, h = image.size
-        scale = self.size / min(w, h)
-        image = image.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))), Image.BICUBIC)
-        w, h = image.size
-        left, top = (w - self.size) // 2, (h - self.size) // 2
-        image = image.crop((left, top, left + self.size, top + self.size))
-        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
+        w, h = self.resized_size(*image.size)
+        if self.resize_backend == "pil":
+            if (w, h) != image.size:  # as torchvision: an image already at the size is not resampled
+                image = image.resize((w, h), _PIL_FILTERS[self.resample])
+            x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # [3, H, W] uint8
+        else:
+            x = _resize_uint8(torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1), (h, w), self.resample)
+        x = self._center_crop(x)
+        x = x.to(torch.float32).div(255)  # torchvision's ToTensor; transformers rescales by the same 1/255
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
         return (x - mean) / std
+
+    def _center_crop(self, x: torch.Tensor) -> torch.Tensor:
+        """[3, H, W] -> [3, size, size]. torchvision rounds the offset (``int(round((H - size) / 2.0))``, Python's
+        round half to even), transformers floors it."""
+        h, w = x.shape[-2:]
+        if h < self.size or w < self.size:
+            raise ValueError(f"the resized image ({w}x{h}) is smaller than the crop ({self.size}): resize_size must be >= size")
+        if self.crop_offset == "round":
+            top, left = int(round((h - self.size) / 2.0)), int(round((w - self.size) / 2.0))
+        else:
+            top, left = (h - self.size) // 2, (w - self.size) // 2
+        return x[:, top : top + self.size, left : left + self.size]
 
     def save(self, directory: str | os.PathLike) -> None:
         with open(os.path.join(directory, IMAGE_TRANSFORM_NAME), "w") as f:
@@ -174,6 +227,33 @@ class ImageTransform:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "ImageTransform":
+        """Read ``image_transform.json``; a file written before the resize fields existed gets their defaults
+        (torchvision's arithmetic)."""
         with open(os.path.join(directory, IMAGE_TRANSFORM_NAME)) as f:
             data = json.load(f)
-        return cls(size=data["size"], mean=tuple(data["mean"]), std=tuple(data["std"]))
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{IMAGE_TRANSFORM_NAME} in {directory!s} has unknown fields {unknown}: written by a newer flamingo-vlm?")
+        return cls(**data)
+
+
+_PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+def _resize_uint8(x: torch.Tensor, size: tuple[int, int], resample: str) -> torch.Tensor:
+    """[3, H, W] uint8 -> [3, h, w] uint8 as torchvision's tensor ``resize`` (antialias on) computes it, the
+    resize of transformers 5's torchvision-backed image processors: torch's native uint8 kernel where
+    torchvision uses it (bicubic always on CPU; bilinear on AVX2/AVX512/ARM CPUs), else float, rounded."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    native = x.device.type == "cpu" and (
+        resample == "bicubic"
+        or torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+        or platform.machine() in ("aarch64", "arm64")
+    )
+    y = x[None] if native else x[None].to(torch.float32)
+    y = torch.nn.functional.interpolate(y, size=list(size), mode=resample, align_corners=False, antialias=True)
+    if not native:
+        y = y.clamp_(0, 255).round_().to(torch.uint8)
+    return y[0]

@@ -25,6 +25,7 @@ from ..config import END_OF_CHUNK_TOKEN, MEDIA_TOKEN, PAD_TOKEN
 from ..modeling.loss import IGNORE_INDEX
 from .images import ImageTransform
 from .labels import make_labels
+from .text import PromptTokenizer
 
 PROCESSOR_CONFIG_NAME = "flamingo_processor.json"
 
@@ -52,9 +53,23 @@ def add_special_tokens(tokenizer, *, media_token: str = MEDIA_TOKEN, end_of_chun
 
 
 class FlamingoProcessor:
-    """Tokenizer + image transform for interleaved prompts."""
+    """Tokenizer + image transform for interleaved prompts.
 
-    def __init__(self, tokenizer, image_transform: ImageTransform, *, media_token: str = MEDIA_TOKEN, end_of_chunk_token: str = END_OF_CHUNK_TOKEN) -> None:
+    special_tokens_in_text: what becomes of the tokenizer's special tokens (BOS, EOS, pad, any added token
+    other than ``<image>`` / ``<|endofchunk|>``, which are the prompt's syntax) written literally in text:
+    "allow" (the default) tokenises them as those tokens, "escape" as plain text (``flamingo serve`` does),
+    "refuse" raises a ``ValueError`` naming the token (:mod:`flamingo_vlm.processing.text`).
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        image_transform: ImageTransform,
+        *,
+        media_token: str = MEDIA_TOKEN,
+        end_of_chunk_token: str = END_OF_CHUNK_TOKEN,
+        special_tokens_in_text: str = "allow",
+    ) -> None:
         self.tokenizer = tokenizer
         self.image_transform = image_transform
         self.media_token = media_token
@@ -67,6 +82,23 @@ class FlamingoProcessor:
             raise ValueError("the tokenizer has no pad token: call flamingo_vlm.add_special_tokens(tokenizer) first")
         self.media_token_id = tokenizer.convert_tokens_to_ids(media_token)
         self.end_of_chunk_token_id = tokenizer.convert_tokens_to_ids(end_of_chunk_token)
+        self.special_tokens_in_text = special_tokens_in_text
+
+    @property
+    def special_tokens_in_text(self) -> str:
+        """One of "allow", "escape", "refuse" (see the class docstring); may be set on a loaded processor."""
+        return self._prompt_tokenizer.policy
+
+    @special_tokens_in_text.setter
+    def special_tokens_in_text(self, policy: str) -> None:
+        self._prompt_tokenizer = PromptTokenizer(self.tokenizer, (self.media_token, self.end_of_chunk_token), policy)
+
+    def tokenize(self, texts: str | list[str], **kwargs: Any):
+        """Prompt strings (text joined with media/end-of-chunk markers) -> the tokenizer's ``BatchEncoding``,
+        special tokens typed in the text treated by :attr:`special_tokens_in_text`. ``kwargs`` go to the
+        tokenizer call (``padding``, ``padding_side``, ``return_tensors``, ``add_special_tokens``...).
+        Every prompt the library tokenises (processor, generation, scoring) goes through here."""
+        return self._prompt_tokenizer(texts, **kwargs)
 
     # ---- inputs -> tensors -------------------------------------------------------------------
     def __call__(
@@ -94,7 +126,7 @@ class FlamingoProcessor:
             raise ValueError("nothing to process: the inputs hold no text and no media")
         strings = [s for s, _ in samples]
         media = [m for _, row in samples for m in row]
-        enc = self.tokenizer(strings, padding=True, padding_side=padding_side, return_tensors="pt")
+        enc = self.tokenize(strings, padding=True, padding_side=padding_side, return_tensors="pt")
         counts = (enc["input_ids"] == self.media_token_id).sum(dim=1).tolist()
         for i, ((_, row), n) in enumerate(zip(samples, counts)):
             if n != len(row):
@@ -193,7 +225,10 @@ class FlamingoProcessor:
         self.tokenizer.save_pretrained(directory)
         self.image_transform.save(directory)
         with open(os.path.join(directory, PROCESSOR_CONFIG_NAME), "w") as f:
-            json.dump({"media_token": self.media_token, "end_of_chunk_token": self.end_of_chunk_token}, f, indent=2)
+            json.dump(
+                {"media_token": self.media_token, "end_of_chunk_token": self.end_of_chunk_token, "special_tokens_in_text": self.special_tokens_in_text},
+                f, indent=2,
+            )
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "FlamingoProcessor":

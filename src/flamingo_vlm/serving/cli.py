@@ -38,6 +38,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="a request whose body stalls this long between chunks gets 408 and its connection is closed")
     p.add_argument("--shutdown-grace-s", type=float, default=10.0,
                    help="on SIGTERM / Ctrl-C: how long running requests may finish before they are cut off")
+    p.add_argument("--special-tokens-in-text", choices=("escape", "refuse", "allow"), default="escape",
+                   help="the LM's special tokens (e.g. </s>) typed in prompts: tokenised as plain text (default), refused, or allowed")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"],
                    help="uvicorn's log level")
     p.set_defaults(func=run_serve_cli)
@@ -72,6 +74,7 @@ def run_serve_cli(args: argparse.Namespace) -> int:
     path = resolve_model_dir(args.model)
     print(f"loading {path} ...", flush=True)
     model, processor = load_flamingo(path, lm=getattr(args, "lm", None), vision=getattr(args, "vision", None))
+    processor.special_tokens_in_text = args.special_tokens_in_text
     model.to(default_device(args.device))
     limits = Limits(max_new_tokens=args.max_new_tokens, max_media=args.max_media, max_image_pixels=args.max_image_pixels,
                     max_request_pixels=args.max_request_pixels, decode_budget_bytes=int(args.decode_budget_mb * 2**20),

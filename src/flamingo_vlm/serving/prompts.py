@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from ..processing import Video
+from ..processing.text import PromptTokenizer
 from .budget import DecodeSlots, frame_decode_bytes
 from .errors import invalid, too_large
 from .images import decode_opened, open_image
@@ -89,11 +90,20 @@ class PromptReader:
         self.max_text_chars = limits.max_prompt_tokens * max(longest, 1)
 
     def _tokenizer(self):
+        """This thread's tokenizer, under the processor's ``special_tokens_in_text`` policy (as the model's)."""
         tok = getattr(self._local, "tokenizer", None)
         if tok is None:
             with self._template_lock:
-                tok = self._local.tokenizer = copy.deepcopy(self._template)
+                own = copy.deepcopy(self._template)
+            markers = (self.processor.media_token, self.processor.end_of_chunk_token)
+            tok = self._local.tokenizer = PromptTokenizer(own, markers, self.processor.special_tokens_in_text)
         return tok
+
+    def _token_ids(self, texts, where: str, **kwargs) -> list:
+        try:
+            return self._tokenizer()(texts, **kwargs)["input_ids"]
+        except ValueError as e:  # special_tokens_in_text="refuse": the message names the token and where it is
+            raise invalid(f"{where}: {e}") from e
 
     def _check_text_length(self, chars: int, what: str) -> None:
         if chars > self.max_text_chars:
@@ -105,7 +115,7 @@ class PromptReader:
     def count_tokens(self, texts: list[str], where: str = "candidates") -> list[int]:
         for i, text in enumerate(texts):
             self._check_text_length(len(text), f"{where}[{i}]")
-        return [len(ids) for ids in self._tokenizer()(texts, add_special_tokens=False)["input_ids"]]
+        return [len(ids) for ids in self._token_ids(texts, where, add_special_tokens=False)]
 
     def check_candidates(self, candidates: list[str]) -> None:
         """Score candidates are text appended to the prompt: no media marker in them."""
@@ -130,7 +140,7 @@ class PromptReader:
                 f"the request's images and frames hold {pixels:,} pixels together, over the server's limit of "
                 f"{self.limits.max_request_pixels:,}"
             )
-        num_tokens = len(self._tokenizer()("".join(texts))["input_ids"])
+        num_tokens = len(self._token_ids("".join(texts), "prompt"))
         if num_tokens > self.limits.max_prompt_tokens:
             raise too_large(f"the prompt is {num_tokens} tokens, over the server's limit of {self.limits.max_prompt_tokens}")
         if self.max_positions is not None and num_tokens + new_tokens > self.max_positions:

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from .. import build_flamingo
-from ..evaluation import Classification, CocoCaptioning, VideoQA, VQATask, evaluate, format_results_table
-from .cache import build_info, ensure_toyworld
+from ..evaluation import Classification, CocoCaptioning, VideoQA, VQATask, evaluate, format_results_table, summarize
+from .cache import SHIPPED, build_info, ensure_toyworld
 from .tasks import LabelMappingTask, NewFormatTask
 
 # The bridge trained by the demo (~0.7M parameters): small, so it trains in minutes on two cores.
@@ -155,8 +155,11 @@ def examples_text(results: dict, k: int = 3) -> str:
 
 
 def run_demo(out_dir: str | Path = "flamingo-demo", *, quick: bool = False, seed: int = 0, cache_dir: str | Path | None = None,
-             settings: DemoSettings | None = None, world_preset: str | None = None, progress: bool = True) -> dict:
-    """Run the whole demo; returns the results dict also written to ``out_dir/results.json``."""
+             settings: DemoSettings | None = None, world_preset: str | None = None, progress: bool = True, rebuild: bool = False) -> dict:
+    """Run the whole demo; returns the results dict also written to ``out_dir/results.json``.
+
+    rebuild: generate the world and pretrain the toy backbones here even where the package ships them.
+    """
     from ..training import DatasetConfig, TrainConfig, train
 
     _quiet_transformers()
@@ -164,9 +167,11 @@ def run_demo(out_dir: str | Path = "flamingo-demo", *, quick: bool = False, seed
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = settings or (DemoSettings.quick() if quick else DemoSettings())
-    paths = ensure_toyworld(cache_dir, preset=world_preset or ("quick" if quick else "full"), progress=progress)
+    paths = ensure_toyworld(cache_dir, preset=world_preset or ("quick" if quick else "full"), progress=progress, rebuild=rebuild)
     world = paths["world"]
     built = time.time()
+    shipped = paths["lm"].parent == SHIPPED
+    print(f"toy backbones: {'shipped with the package' if shipped else 'pretrained here'} ({paths['lm'].parent}); world: {world}")
     lm_info = build_info(paths["lm"])
     if "text_binding_accuracy" in lm_info:  # the label-mapping task needs the LM to look words up in its context
         print(f"toy LM: in-context binding in text {100 * lm_info['text_binding_accuracy']:.0f}% (chance 50%)")
@@ -200,17 +205,28 @@ def run_demo(out_dir: str | Path = "flamingo-demo", *, quick: bool = False, seed
 
     tasks = toy_tasks(world)
     limits = {t.name: settings.vqa_queries if t.name == "vqa" else settings.queries for t in tasks}
+    runs_per_task = len(settings.shots) * settings.eval_seeds
+
+    def show_task(run: dict, results: dict) -> None:
+        """A task's main metric as soon as its last run is scored: the first numbers come before the last task."""
+        mine = sorted((s for s in summarize(results["runs"]) if s["task"] == run["task"]), key=lambda s: s["shots"])
+        if sum(len(s["seeds"]) for s in mine) == runs_per_task:
+            cells = "".join(f"{s['mean']:>10.2f}" if s["mean"] is not None else f"{'n/a':>10}" for s in mine)
+            print(f"  {run['task']:<24}{mine[0]['metric']:<10}{cells}   ({time.time() - start:.0f} s)", flush=True)
+
+    header = "".join(f"{f'{n}-shot':>10}" for n in settings.shots)
+    print(f"few-shot evaluation, mean over {settings.eval_seeds} shot samplings:\n  {'task':<24}{'metric':<10}{header}")
     results = evaluate(
         model, processor, tasks, shots=list(settings.shots), seeds=[seed + i for i in range(settings.eval_seeds)], limit=limits,
-        batch_size=settings.eval_batch_size, results_path=out / "eval.json", resume=False, progress=progress,
-        model_name="flamingo-toyworld", config={"bridge": BRIDGE, "demo": asdict(settings)},
+        batch_size=settings.eval_batch_size, results_path=out / "eval.json", resume=False, progress=False,
+        model_name="flamingo-toyworld", config={"bridge": BRIDGE, "demo": asdict(settings)}, on_run=show_task,
     )
     table = format_results_table(results)
     print("\n" + table + "\n")
     print(examples_text(results))
     plot_curves(results, out / "few_shot.png")
     summary = {
-        "seed": seed, "quick": quick, "settings": asdict(settings), "bridge": BRIDGE,
+        "seed": seed, "quick": quick, "settings": asdict(settings), "bridge": BRIDGE, "backbones": "shipped" if shipped else "pretrained here",
         "init_text_loss": init_loss, "lm_text_loss": lm_loss, "lm_unchanged": unchanged,
         "lm_text_binding_accuracy": lm_info.get("text_binding_accuracy"),
         "train": {"final": trained.history[-1] if trained.history else None, "losses": [h["loss"] for h in trained.history]},

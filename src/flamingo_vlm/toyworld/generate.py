@@ -255,17 +255,31 @@ def _write_eval(rng: random.Random, root: Path, sizes: WorldSizes) -> tuple[dict
     return out, annotators
 
 
-def generate_world(directory: str | Path, *, seed: int = 0, sizes: WorldSizes | None = None, progress: bool = True) -> Path:
-    """Write the whole toy world under ``directory`` (deterministic in ``seed``); returns the path."""
+WORLD_PARTS = ("text", "pairs", "interleaved", "videos", "eval")
+
+
+def generate_world(
+    directory: str | Path, *, seed: int = 0, sizes: WorldSizes | None = None, progress: bool = True, parts: tuple[str, ...] = WORLD_PARTS,
+) -> Path:
+    """Write the toy world under ``directory`` (deterministic in ``seed``); returns the path.
+
+    parts: which of :data:`WORLD_PARTS` to write (each has its own generator: a part is the same whether or not
+    the others are written); world.json is written with the whole world only.
+    """
+    unknown = set(parts) - set(WORLD_PARTS)
+    if unknown:
+        raise ValueError(f"unknown toy world parts {sorted(unknown)}: expected some of {WORLD_PARTS}")
     root = Path(directory)
     sizes = sizes or WorldSizes()
     rng = random.Random(seed)
-    bar = tqdm(total=5, desc="toy world", disable=not progress, unit="part")
+    bar = tqdm(total=len(parts), desc="toy world", disable=not progress, unit="part")
 
-    corpus = lm_corpus(random.Random(rng.randrange(2**31)), sizes.lm_documents)
-    (root / "text").mkdir(parents=True, exist_ok=True)
-    (root / "text" / "lm_corpus.txt").write_text("\n\n".join(corpus) + "\n")
-    bar.update()
+    text_seed = rng.randrange(2**31)
+    if "text" in parts:
+        corpus = lm_corpus(random.Random(text_seed), sizes.lm_documents)
+        (root / "text").mkdir(parents=True, exist_ok=True)
+        (root / "text" / "lm_corpus.txt").write_text("\n\n".join(corpus) + "\n")
+        bar.update()
 
     def pair(r: random.Random, i: int) -> dict:
         s = sample_scene(r)
@@ -281,14 +295,19 @@ def generate_world(directory: str | Path, *, seed: int = 0, sizes: WorldSizes | 
 
     for name, count, make in (("pairs", sizes.pairs, pair), ("interleaved", sizes.documents, document), ("videos", sizes.videos, video)):
         part_rng = random.Random(rng.randrange(2**31))  # one generator per part: parts do not shift each other
-        with _ShardWriter(root / name, sizes.shard_size) as sink:
-            for i in range(count):
-                sink.write(make(part_rng, i))
-        bar.update()
+        if name in parts:
+            with _ShardWriter(root / name, sizes.shard_size) as sink:
+                for i in range(count):
+                    sink.write(make(part_rng, i))
+            bar.update()
 
-    eval_paths, annotators = _write_eval(random.Random(rng.randrange(2**31)), root / "eval", sizes)
-    bar.update()
+    eval_rng = random.Random(rng.randrange(2**31))
+    if "eval" in parts:
+        eval_paths, annotators = _write_eval(eval_rng, root / "eval", sizes)
+        bar.update()
     bar.close()
+    if set(parts) != set(WORLD_PARTS):
+        return root  # world.json describes a whole world only
     eval_paths = {k: str(Path(v).relative_to(root)) for k, v in eval_paths.items()}  # relative: the world can move
     manifest = {"version": WORLD_VERSION, "seed": seed, "sizes": sizes.__dict__, "eval": eval_paths, "eval_annotator_words": annotators}
     (root / "world.json").write_text(json.dumps(manifest, indent=2, default=list))
