@@ -62,9 +62,11 @@ def test_runs_never_mix(config_file, tmp_path, capsys):
     assert steps_logged(out) == [1, 2]  # already finished: nothing redone, nothing mixed
 
     # --overwrite starts over in the same directory: the old run's checkpoints are gone
-    assert main([str(config_file), f"output_dir={out}", "steps=1", "--overwrite", "--no-progress"]) == 0
+    assert main([str(config_file), f"output_dir={out}", "steps=1", "save_final=true", "--overwrite", "--no-progress"]) == 0
     capsys.readouterr()
     assert steps_logged(out) == [1] and sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000001"]
+    card = (out / "final" / "README.md").read_text()  # the final model's card says what it was trained on
+    assert "- optimizer steps: 1" in card and "| pairs | pairs |" in card
 
 
 def test_overwrite_never_deletes_what_a_run_did_not_write(tmp_path):

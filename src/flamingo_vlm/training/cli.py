@@ -56,6 +56,7 @@ def run_train_cli(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
+    from ..modeling.card import write_model_card
     from ..modeling.summary import run_banner
     from .config import load_train_config
     from .loop import train
@@ -84,6 +85,7 @@ def run_train_cli(args: argparse.Namespace) -> int:
                 last = result.history[-1]
                 print(f"step {last['step']}: loss {last['loss']:.4f}")
             if result.final_dir:
+                write_model_card(model, result.final_dir, training=config.to_dict())  # what it was trained on, for sharing
                 print(f"model: {result.final_dir}")
     finally:
         if owns_process_group and dist.is_initialized():
