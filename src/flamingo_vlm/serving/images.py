@@ -54,9 +54,3 @@ def decode_opened(image: Image.Image, where: str) -> Image.Image:
         raise too_large(f"{where}: {e}") from e
     except images.ImageDecodeError as e:
         raise bad_request(f"{where}: {e}") from e
-
-
-def decode_image(data: str, where: str, *, max_pixels: int) -> Image.Image:
-    """An RGB PIL image from base64 / a data URL; 400 if it cannot be decoded, 413 if over ``max_pixels``
-    (checked from the header, before any pixel is decoded)."""
-    return decode_opened(open_image(data, where, max_pixels=max_pixels), where)

@@ -167,10 +167,6 @@ class PromptReader:
                 items.append(item)
         return Prompt(items=items, num_media=len(plan.media), num_tokens=plan.num_tokens)
 
-    def read(self, request: PromptRequest, *, new_tokens: int = 0) -> Prompt:
-        """:meth:`plan` then :meth:`decode` (no memory budget: for callers that bound requests themselves)."""
-        return self.decode(self.plan(request, new_tokens=new_tokens))
-
     # ---- the two prompt forms ----------------------------------------------------------------
     def _items(self, request: PromptRequest) -> list[str | OpenedMedium]:
         if (request.prompt is None) == (request.text is None):
