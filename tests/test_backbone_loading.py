@@ -73,3 +73,20 @@ def test_a_missing_backbone_path_names_the_path_and_the_override(saved, tmp_path
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # read at import: patch the flag itself
     with pytest.raises(FileNotFoundError, match=r"neither a local directory .* nor a hub model .*--lm"):
         load_flamingo(moved, lm="gone/lm")
+
+
+def test_the_commands_name_the_missing_path_and_take_the_override(saved, tmp_path, capsys):
+    from flamingo_vlm.cli import main
+
+    root, _ = saved
+    moved = tmp_path / "moved"
+    shutil.copytree(root / "flamingo", moved)
+    missing = str(tmp_path / "nowhere" / "lm")
+    assert main(["generate", "--model", str(moved), "--prompt", "Output:", "--lm", missing, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flamingo generate: error: the lm backbone") and missing in err and "--lm" in err
+    # the override finds the backbone where it is now
+    assert main(["generate", "--model", str(moved), "--prompt", "Output:", "--max-new-tokens", "2",
+                 "--lm", str(root / "tiny-llama"), "--vision", str(root / "full-clip"), "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "flamingo generate: parameters " in captured.err and "| device cpu" in captured.err
