@@ -53,11 +53,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_train_cli(args: argparse.Namespace) -> int:
     """``flamingo train``: load the config (+ overrides), build the model, train, report."""
-    import torch
     import torch.distributed as dist
 
     from ..modeling.card import write_model_card
-    from ..modeling.summary import run_banner
+    from ..modeling.summary import default_device, run_banner
     from .config import load_train_config
     from .loop import train
     from .rundir import prepare_run_dir
@@ -77,8 +76,7 @@ def run_train_cli(args: argparse.Namespace) -> int:
     try:
         model, processor = build_model(config)
         if rank == 0:
-            device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            print(run_banner("train", model, device=device, output=config.output_dir), flush=True)
+            print(run_banner("train", model, device=default_device(config.device), output=config.output_dir), flush=True)
         result = train(model, processor, config, progress=not args.no_progress)
         if not dist.is_initialized() or dist.get_rank() == 0:
             if result.history:
