@@ -140,7 +140,8 @@ class PromptReader:
                 f"the request's images and frames hold {pixels:,} pixels together, over the server's limit of "
                 f"{self.limits.max_request_pixels:,}"
             )
-        num_tokens = len(self._token_ids("".join(texts), "prompt"))
+        text = "".join(texts)
+        num_tokens = len(self._token_ids(text, "prompt"))
         if num_tokens > self.limits.max_prompt_tokens:
             raise too_large(f"the prompt is {num_tokens} tokens, over the server's limit of {self.limits.max_prompt_tokens}")
         if self.max_positions is not None and num_tokens + new_tokens > self.max_positions:
