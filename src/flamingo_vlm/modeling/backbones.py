@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..config import FlamingoConfig
+from .sources import load_pretrained
 from .vision import VisionEncoder, load_vision_encoder
 
 LM_SIGNATURE_NAME = "lm_signature.json"
@@ -24,7 +25,7 @@ def load_lm(lm: Any, **kwargs: Any) -> nn.Module:
         return lm
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(lm, **kwargs)
+    return load_pretrained(AutoModelForCausalLM, lm, "lm", **kwargs)
 
 
 def load_backbones(

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import FlamingoConfig
 from .backbones import check_lm_signature, lm_signature, load_backbones, paths_after_loading, paths_for_saving, write_lm_signature
+from .card import push_to_hub, write_model_card
 from .context import NO_MEDIA, MediaContext, MediaKV, StepMedia
 from .lm import (
     CONTEXT_KWARG,
@@ -477,8 +478,11 @@ class FlamingoModel(nn.Module):
         return cache
 
     # ---- persistence -------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write flamingo_config.json and model.safetensors (trained weights only), atomically."""
+    def save_pretrained(self, directory: str | os.PathLike, *, training: dict[str, Any] | None = None,
+                        evaluation: dict[str, Any] | str | os.PathLike | None = None) -> None:
+        """Write flamingo_config.json and model.safetensors (trained weights only), atomically, and a model
+        card (README.md: backbones, bridge, and ``training`` (a TrainConfig dict) / ``evaluation`` (``flamingo
+        eval``'s results, dict or JSON path) when given; see :mod:`flamingo_vlm.modeling.card`)."""
         os.makedirs(directory, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.flamingo_state_dict().items()}
         tmp = os.path.join(directory, WEIGHTS_NAME + ".tmp")
@@ -486,6 +490,15 @@ class FlamingoModel(nn.Module):
         os.replace(tmp, os.path.join(directory, WEIGHTS_NAME))
         paths_for_saving(self.config, directory).save(directory)
         write_lm_signature(self.lm_signature(), directory)
+        write_model_card(self, directory, training=training, evaluation=evaluation)
+
+    def push_to_hub(self, repo_id: str, *, processor: Any = None, private: bool | None = None, token: str | None = None,
+                    commit_message: str = "Upload Flamingo bridge", training: dict[str, Any] | None = None,
+                    evaluation: dict[str, Any] | str | os.PathLike | None = None) -> Any:
+        """Upload what :meth:`save_pretrained` writes (card included; ``processor`` too, if given) to the hub
+        repo ``repo_id`` through ``huggingface_hub`` (created if needed)."""
+        return push_to_hub(self, repo_id, processor=processor, private=private, token=token, commit_message=commit_message,
+                           training=training, evaluation=evaluation)
 
     @classmethod
     def from_pretrained(

@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .sources import check_backbone_source, load_vision_tower
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -253,7 +255,7 @@ def _load_hf(name_or_path, vision_type: str, feature_layer: int, **kwargs) -> Vi
         model, path = name_or_path, getattr(name_or_path, "name_or_path", None)
         model = getattr(model, "vision_model", model) if not isinstance(model, model_cls) else model
     else:
-        model, path = model_cls.from_pretrained(name_or_path, **kwargs), str(name_or_path)
+        model, path = load_vision_tower(model_cls, name_or_path, **kwargs), str(name_or_path)
     config = model.config
     if hasattr(config, "vision_config"):
         config = config.vision_config
@@ -386,6 +388,8 @@ def load_vision_encoder(
     if isinstance(name_or_path, VisionEncoder):
         encoder = name_or_path
     else:
+        if vision_type in (None, "clip", "siglip"):  # a path or hub name (open_clip / timm take model names)
+            check_backbone_source(name_or_path, "vision")
         vision_type = vision_type or guess_vision_type(name_or_path)
         if vision_type not in VISION_LOADERS:
             raise ValueError(f"unknown vision_type {vision_type!r}: expected one of {sorted(VISION_LOADERS)}")
