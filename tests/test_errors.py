@@ -222,7 +222,8 @@ def test_failed_rewrap_leaves_the_model_unchanged():
 @pytest.mark.parametrize(
     "overrides, message",
     [(dict(media_attention="foo"), "media_attention must be 'last' or 'all', got 'foo'"),
-     (dict(ff_activation="relu"), "ff_activation must be 'squared_relu' or 'gelu', got 'relu'"),
+     (dict(ff_activation="tanh"), "ff_activation must be 'squared_relu', 'gelu', 'silu' or 'relu', got 'tanh'"),
+     (dict(xattn_gate="matrix"), "xattn_gate must be one of \\('scalar', 'vector'\\), got 'matrix'"),
      (dict(gate_init="ones"), "gate_init must be 'zeros' or 'normal', got 'ones'"),
      (dict(cross_attn_every_n_layers=0), "cross_attn_every_n_layers must be >= 1"),
      (dict(resampler_num_latents=0), "resampler_num_latents must be >= 1, got 0"),

@@ -189,8 +189,12 @@ def test_registry_and_custom_task(tmp_path):
     assert task.name == "msvd_qa"
     with pytest.raises(ValueError, match="unknown task type"):
         build_task({"type": "nope"})
-    with pytest.raises(ValueError, match="unexpected keyword"):
+    with pytest.raises(ValueError, match=r"task 'toy_counting': unknown Counting key\(s\) 'num_beam' \(did you mean 'num_beams'\?\)"):
+        build_task({"type": "toy_counting", "num_beam": 1})  # a key of Task's, reached through **options
+    with pytest.raises(ValueError, match=r"unknown Counting key\(s\) 'bogus'; known keys: answer_prefix, .*\bn, name, num_beams"):
         build_task({"type": "toy_counting", "bogus": 1})
+    with pytest.raises(ValueError, match=r"unknown CocoCaptioning key\(s\) 'karpathy_jsn' \(did you mean 'karpathy_json'\?\)"):
+        build_task({"type": "coco_captioning", "karpathy_jsn": "x.json", "image_dir": str(tmp_path)})
     with pytest.raises(FileNotFoundError):
         build_task({"type": "coco_captioning", "karpathy_json": str(tmp_path / "missing.json"), "image_dir": str(tmp_path)})
 

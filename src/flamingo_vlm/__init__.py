@@ -8,6 +8,7 @@ check_transformers(_transformers.__version__)
 
 from .builder import build_flamingo, load_flamingo
 from .config import FlamingoConfig
+from .inference import few_shot
 from .modeling import FlamingoModel, FlamingoOutput, GatedCrossAttentionBlock, PerceiverResampler, VisionEncoder, load_vision_encoder
 from .processing import FlamingoProcessor, ImageTransform, Video, add_special_tokens
 
@@ -26,5 +27,6 @@ __all__ = [
     "Video",
     "VisionEncoder",
     "add_special_tokens",
+    "few_shot",
     "load_vision_encoder",
 ]

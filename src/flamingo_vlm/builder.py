@@ -45,7 +45,7 @@ def build_flamingo(
     requested = FlamingoConfig(**config_overrides)  # the caller's choices; what the backbones decide is set below
     encoder = load_vision_encoder(
         vision, requested.vision_type if "vision_type" in config_overrides else None, feature_layer=requested.vision_feature_layer,
-        post_norm=requested.vision_post_norm, **(vision_kwargs or {}),
+        post_norm=requested.vision_post_norm, keep_cls=requested.vision_keep_cls, **(vision_kwargs or {}),
     )
     new_token_ids = add_special_tokens(
         tokenizer, media_token=requested.media_token, end_of_chunk_token=requested.end_of_chunk_token, pad_token=requested.pad_token
@@ -82,7 +82,10 @@ def load_flamingo(directory: str | os.PathLike, *, lm: Any = None, vision: Any =
     else:
         tok = _load_tokenizer(tokenizer, config.lm_name_or_path)
         add_special_tokens(tok, media_token=config.media_token, end_of_chunk_token=config.end_of_chunk_token, pad_token=config.pad_token)
-        processor = FlamingoProcessor(tok, ImageTransform.for_encoder(model.vision_encoder), media_token=config.media_token, end_of_chunk_token=config.end_of_chunk_token)
+        processor = FlamingoProcessor(
+            tok, ImageTransform.for_encoder(model.vision_encoder), media_token=config.media_token,
+            end_of_chunk_token=config.end_of_chunk_token, media_wrapper_token=config.media_wrapper_token,
+        )
     if processor.media_token_id != config.media_token_id or processor.end_of_chunk_token_id != config.end_of_chunk_token_id:
         raise ValueError(
             f"the tokenizer's special token ids ({processor.media_token_id}, {processor.end_of_chunk_token_id}) differ from "

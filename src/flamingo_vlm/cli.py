@@ -29,10 +29,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from . import load_flamingo
+    from .modeling.summary import default_device, run_banner
 
-    model, processor = load_flamingo(args.model)
-    if args.device:
-        model.to(args.device)
+    model, processor = load_flamingo(args.model, lm=args.lm, vision=args.vision)
+    model.to(default_device(args.device))
+    print(run_banner("generate", model, device=model.device), file=sys.stderr, flush=True)  # stdout: the answer only
     batch = processor(_parse_prompt(args.prompt)).to(model.device)
     with torch.inference_mode():
         out = model.generate(
@@ -66,6 +67,8 @@ def _toy_presets() -> list[dict]:
 
 def build_parser() -> argparse.ArgumentParser:
     from .benchmark.cli import add_bench_parser
+    from .modeling.sources import add_backbone_arguments
+    from .modeling.summary import DEVICE_HELP
     from .convert.cli import add_convert_parser
     from .evaluation.cli import add_eval_parser
     from .serving.cli import add_serve_parser
@@ -93,14 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text for an interleaved prompt")
     gen.add_argument("--model", required=True, help="a directory written by FlamingoModel.save_pretrained")
     gen.add_argument("--prompt", required=True, help="text with images as <image:path>, e.g. '<image:cat.jpg>Output:'")
-    gen.add_argument("--max-new-tokens", type=int, default=20)
-    gen.add_argument("--num-beams", type=int, default=3)
+    gen.add_argument("--max-new-tokens", type=int, default=20, help="the most tokens to generate")
+    gen.add_argument("--num-beams", type=int, default=3, help="beam search width (1: greedy); ignored when sampling")
     gen.add_argument("--temperature", type=float, default=0.0, help="> 0 samples instead of beam search")
-    gen.add_argument("--device", default=None)
+    add_backbone_arguments(gen)
+    gen.add_argument("--device", default=None, help=DEVICE_HELP)
     gen.set_defaults(func=cmd_generate)
 
     info = sub.add_parser("info", help="print a saved model's configuration")
-    info.add_argument("model")
+    info.add_argument("model", help="a directory written by FlamingoModel.save_pretrained")
     info.set_defaults(func=cmd_info)
     return parser
 

@@ -16,6 +16,9 @@ MEDIA_TOKEN = "<image>"
 END_OF_CHUNK_TOKEN = "<|endofchunk|>"
 PAD_TOKEN = "<PAD>"
 
+Activation = Literal["squared_relu", "gelu", "silu", "relu"]
+ACTIVATIONS = ("squared_relu", "gelu", "silu", "relu")
+
 
 # Keys that configs saved by earlier versions hold and this one derives from the backbones instead
 # (``FlamingoModel.lm_hidden_size``, ``vision_encoder.hidden_size``): dropped when such a config is loaded.
@@ -43,15 +46,23 @@ class FlamingoConfig:
     # Apply the encoder's final LayerNorm (CLIP post_layernorm, open_clip ln_post) to the patch tokens:
     # None keeps the adapter's native output (see flamingo_vlm.modeling.vision.VisionEncoder.set_post_norm).
     vision_post_norm: bool | None = None
+    # Keep the encoder's CLS token among the features (IDEFICS: every token of the last hidden state); CLIP only.
+    vision_keep_cls: bool = False
     # Dotted path to the LM's ModuleList of decoder layers; found structurally when None.
     decoder_layers_attr: str | None = None
 
-    # Perceiver Resampler (appendix A.1.1): 6 layers, 64 latents.
+    # Perceiver Resampler (appendix A.1.1): 6 layers, 64 latents. False: no resampler, the visual tokens of a
+    # medium are all its vision features [T * S, d] (IDEFICS's use_resampler=False).
+    use_resampler: bool = True
     resampler_depth: int = 6
     resampler_num_latents: int = 64
     resampler_heads: int = 8
     resampler_dim_head: int = 64
     resampler_ff_mult: int = 4
+    # Feed-forward activation of the resampler; None: ff_activation (IDEFICS's perceiver: "relu").
+    resampler_ff_activation: Activation | None = None
+    # LayerNorm on each head's queries and keys in the resampler's attention (IDEFICS qk_layer_norms_perceiver).
+    resampler_qk_norm: bool = False
     # Number of learned time embeddings (frames seen in training); longer videos interpolate them.
     max_num_frames: int = 8
     # Learned spatial position embeddings, one per vision feature of a frame (0: none, as in the paper);
@@ -60,13 +71,28 @@ class FlamingoConfig:
 
     # GATED XATTN-DENSE (section 2.2).
     cross_attn_every_n_layers: int = 1
+    # Which layer of each group of n gets the block before it: "last" (layers n-1, 2n-1, ...: OpenFlamingo)
+    # or "first" (layers 0, n, 2n, ...: IDEFICS's cross_layer_interval).
+    cross_attn_position: Literal["last", "first"] = "last"
     xattn_heads: int = 8
     xattn_dim_head: int = 64
     xattn_ff_mult: int = 4
     # LayerNorm on the visual key/value inputs of each cross-attention (paper v1); off for OpenFlamingo.
     xattn_norm_media: bool = True
-    # "squared_relu" (paper) or "gelu" (OpenFlamingo).
-    ff_activation: Literal["squared_relu", "gelu"] = "squared_relu"
+    # "squared_relu" (paper), "gelu" (OpenFlamingo), "silu" (IDEFICS's gated feed-forward) or "relu".
+    ff_activation: Activation = "squared_relu"
+    # The normalisation before the cross-attention and the feed-forward: "layer_norm" (paper) or "rms_norm"
+    # (IDEFICS), with this epsilon; also used for the query/key norms.
+    xattn_norm: Literal["layer_norm", "rms_norm"] = "layer_norm"
+    xattn_norm_eps: float = 1e-5
+    # Normalise each head's queries and media keys in the cross-attention (IDEFICS qk_layer_norms).
+    xattn_qk_norm: bool = False
+    # "mlp": Linear -> act -> Linear (paper); "gated": down(act(gate(x)) * up(x)) (IDEFICS, as its LM's MLP).
+    xattn_ff_type: Literal["mlp", "gated"] = "mlp"
+    # Inner width of the xattn feed-forward; None: xattn_ff_mult * LM hidden size.
+    xattn_ff_dim: int | None = None
+    # Each tanh gate is one scalar (paper) or one value per hidden channel (IDEFICS alpha_type="vector").
+    xattn_gate: Literal["scalar", "vector"] = "scalar"
     # Gates are tanh(alpha); "zeros" makes the model equal to the LM at initialisation.
     gate_init: Literal["zeros", "normal"] = "zeros"
     gate_init_std: float = 0.02
@@ -76,11 +102,16 @@ class FlamingoConfig:
     media_attention: Literal["last", "all"] = "last"
     # Packed sequences: tokens after an EOS see no image of the previous document.
     reset_media_at_eos: bool = False
+    # As reset_media_at_eos, but the EOS token itself still sees its document's image; the tokens after it
+    # see none until the next image (IDEFICS's image_attention_mask rule).
+    reset_media_after_eos: bool = False
 
     # Special tokens added to the LM's tokenizer; the builder sets their ids from the tokenizer.
     media_token: str = MEDIA_TOKEN
     end_of_chunk_token: str = END_OF_CHUNK_TOKEN
     pad_token: str = PAD_TOKEN
+    # A token the processor writes around each run of media (IDEFICS: "<fake_token_around_image>"); None: none.
+    media_wrapper_token: str | None = None
     # A tuple, so that the frozen config cannot change through it either (a list is accepted and converted).
     new_token_ids: tuple[int, ...] = ()
     # Logits end at the last new token, i.e. the tokenizer's length (OpenFlamingo resizes the LM's embeddings
@@ -102,8 +133,21 @@ class FlamingoConfig:
         object.__setattr__(self, "new_token_ids", tuple(int(i) for i in self.new_token_ids))
         if self.media_attention not in ("last", "all"):
             raise ValueError(f"media_attention must be 'last' or 'all', got {self.media_attention!r}")
-        if self.ff_activation not in ("squared_relu", "gelu"):
-            raise ValueError(f"ff_activation must be 'squared_relu' or 'gelu', got {self.ff_activation!r}")
+        for name in ("ff_activation", "resampler_ff_activation"):
+            value = getattr(self, name)
+            if value not in ACTIVATIONS and not (value is None and name == "resampler_ff_activation"):
+                raise ValueError(f"{name} must be 'squared_relu', 'gelu', 'silu' or 'relu', got {value!r}")
+        choices = dict(
+            cross_attn_position=("last", "first"), xattn_norm=("layer_norm", "rms_norm"), xattn_ff_type=("mlp", "gated"),
+            xattn_gate=("scalar", "vector"),
+        )
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.xattn_ff_dim is not None and self.xattn_ff_dim < 1:
+            raise ValueError(f"xattn_ff_dim must be >= 1 (or None), got {self.xattn_ff_dim}")
+        if self.reset_media_at_eos and self.reset_media_after_eos:
+            raise ValueError("set one of reset_media_at_eos (the EOS sees no image) and reset_media_after_eos (it does)")
         if self.gate_init not in ("zeros", "normal"):
             raise ValueError(f"gate_init must be 'zeros' or 'normal', got {self.gate_init!r}")
         if self.cross_attn_every_n_layers < 1:

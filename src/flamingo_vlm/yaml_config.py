@@ -30,9 +30,12 @@ def _prefix(where: str) -> str:
     return f"{where}: " if where else ""
 
 
-def unknown_keys_error(cls: type, unknown: Sequence[str], where: str = "") -> ValueError:
-    """The error for keys ``cls`` does not have: each with its closest known key, then every known key."""
-    names = [f.name for f in dataclasses.fields(cls)]
+def unknown_keys_error(cls: type, unknown: Sequence[str], where: str = "", *, known: Sequence[str] | None = None) -> ValueError:
+    """The error for keys ``cls`` does not have: each with its closest known key, then every known key.
+
+    known: the accepted keys when ``cls`` is not a dataclass (e.g. a constructor's parameter names).
+    """
+    names = list(known) if known is not None else [f.name for f in dataclasses.fields(cls)]
 
     def hint(key: str) -> str:
         close = difflib.get_close_matches(key, names, n=1)

@@ -1,4 +1,4 @@
-"""``flamingo convert``: OpenFlamingo checkpoints to save_pretrained directories, and back."""
+"""``flamingo convert``: OpenFlamingo and IDEFICS checkpoints to save_pretrained directories, and back."""
 
 from __future__ import annotations
 
@@ -97,6 +97,35 @@ def cmd_to_openflamingo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_from_idefics(args: argparse.Namespace) -> int:
+    import torch
+
+    from .idefics import convert_idefics
+
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    model, _, report = convert_idefics(args.source, args.out, args.tokenizer, dtype=dtype)
+    c = model.config
+    print(
+        f"converted {args.source} -> {args.out}: xattn every {c.cross_attn_every_n_layers} layer(s) ({len(model.xattn_blocks)} blocks, "
+        f"from layer 0), resampler {'on' if c.use_resampler else 'off'}, <image>={c.media_token_id}; LM in {args.out}/lm, "
+        f"vision in {args.out}/vision"
+    )
+    for line in report.lines():
+        print(f"  note: {line}")
+    return 0
+
+
+def cmd_to_idefics(args: argparse.Namespace) -> int:
+    from .. import load_flamingo
+    from .idefics import export_idefics, idefics_processor
+
+    model, processor = load_flamingo(args.model)
+    export_idefics(model).save_pretrained(args.out)
+    idefics_processor(model, processor).save_pretrained(args.out)
+    print(f"wrote an IdeficsForVisionText2Text and its IdeficsProcessor to {args.out}")
+    return 0
+
+
 def add_convert_parser(sub) -> None:
     convert = sub.add_parser("convert", help="convert checkpoints from/to other Flamingo implementations")
     conv_sub = convert.add_subparsers(dest="convert_command", required=True)
@@ -135,3 +164,18 @@ def add_convert_parser(sub) -> None:
     to.add_argument("--frame-embs", action="store_true", help="write the resampler's time embeddings as perceiver.frame_embs")
     to.add_argument("--any-architecture", action="store_true", help="skip the check against the sizes OpenFlamingo's factory builds")
     to.set_defaults(func=cmd_to_openflamingo)
+
+    ide = conv_sub.add_parser("idefics", help="an IdeficsForVisionText2Text (e.g. HuggingFaceM4/idefics-9b) -> a save_pretrained directory")
+    ide.add_argument("source", help="hub id or local directory of an IdeficsForVisionText2Text checkpoint")
+    ide.add_argument("--out", required=True, help="output directory (the LM under lm/, the vision tower under vision/)")
+    ide.add_argument("--tokenizer", default=None, help="its tokenizer, if not at SOURCE")
+    ide.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+        help="dtype of the frozen backbones (auto: the checkpoint's); the bridge is kept in float32",
+    )
+    ide.set_defaults(func=cmd_from_idefics)
+
+    to_ide = conv_sub.add_parser("to-idefics", help="a save_pretrained directory -> an IdeficsForVisionText2Text directory")
+    to_ide.add_argument("model", help="a directory written by FlamingoModel.save_pretrained (e.g. by `flamingo convert idefics`)")
+    to_ide.add_argument("--out", required=True, help="directory for IdeficsForVisionText2Text.save_pretrained and the tokenizer")
+    to_ide.set_defaults(func=cmd_to_idefics)

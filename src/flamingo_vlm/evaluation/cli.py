@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+from ..modeling.sources import add_backbone_arguments
+from ..modeling.summary import DEVICE_HELP
 from ..yaml_config import apply_overrides, from_dict, read_yaml_mapping
 
 PATH_KEY_SUFFIXES = ("json", "jsonl", "_dir", "_file", "_root", "folder")
@@ -48,6 +50,8 @@ class EvalConfig:
     out: str | None = None  # default: <config stem>-results.json in the working directory
     rices_cache_dir: str | None = None
     device: str | None = None
+    lm: str | None = None  # the LM's location, if not where the saved model's config names it
+    vision: str | None = None  # likewise for the vision encoder
     resume: bool = True
     progress: bool = True
 
@@ -68,16 +72,18 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="evaluate only N queries of each task (the first N; a seeded random N per seed under --protocol openflamingo)")
     p.add_argument("--shots", type=_int_list, default=None, help="e.g. 0,4,8")
     p.add_argument("--seeds", type=_int_list, default=None, help="e.g. 0,1,2 (random shot selection)")
-    p.add_argument("--selection", choices=["random", "rices"], default=None)
+    p.add_argument("--selection", choices=["random", "rices"], default=None,
+                   help="how shots are chosen: random (the paper's) or rices (retrieval by image similarity)")
     p.add_argument("--protocol", choices=["paper", "openflamingo"], default=None,
                    help="prompts, decoding, scoring and sampling choices: the paper's (default) or OpenFlamingo's eval code's")
     p.add_argument("--tasks", default=None, help="comma-separated task names: run only these")
     p.add_argument("--out", default=None, help="results JSON (a .txt table is written beside it)")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="queries per model call (default 8)")
     p.add_argument("--ensemble", type=int, default=None, help="rank tasks: average over this many shot orders")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--no-resume", dest="resume", action="store_false", default=None, help="recompute runs already in --out")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars (for logs)")
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
+    add_backbone_arguments(p)
     p.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set max_rows=32 --set tasks.0.image_dir=/data/coco (repeatable)")
     p.set_defaults(func=run_eval_cli)
@@ -110,7 +116,7 @@ def load_eval_config(path: str | Path, overrides: dict[str, Any] | None = None, 
     path = Path(path)
     raw = read_yaml_mapping(path, "eval config")
     here = path.resolve().parent
-    for key in ("model", "out", "rices_cache_dir", "data_root"):
+    for key in ("model", "out", "rices_cache_dir", "data_root", "lm", "vision"):
         if raw.get(key):
             raw[key] = _resolve(raw[key], here)
     data_root = Path(raw["data_root"]) if raw.get("data_root") else here
@@ -129,15 +135,15 @@ def load_eval_config(path: str | Path, overrides: dict[str, Any] | None = None, 
 
 
 def run_eval_cli(args: argparse.Namespace) -> int:
-    import torch
-
     from .. import load_flamingo
+    from ..modeling.summary import default_device, run_banner
     from .runner import evaluate, format_results_table
     from .task import build_task
 
     overrides = {
         "model": args.model, "limit": args.limit, "shots": args.shots, "seeds": args.seeds, "selection": args.selection,
         "protocol": getattr(args, "protocol", None), "out": args.out, "batch_size": args.batch_size, "ensemble": args.ensemble, "device": args.device,
+        "lm": getattr(args, "lm", None), "vision": getattr(args, "vision", None),
         "resume": args.resume, "progress": args.progress,
     }
     config = load_eval_config(args.config, overrides, getattr(args, "set_overrides", None) or ())
@@ -152,9 +158,10 @@ def run_eval_cli(args: argparse.Namespace) -> int:
     else:
         tasks = [build_task(spec) for spec in specs]
 
-    model, processor = load_flamingo(config.model)
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, processor = load_flamingo(config.model, lm=config.lm, vision=config.vision)
+    device = default_device(config.device)
     model.to(device)
+    print(run_banner("eval", model, device=device, output=config.out), flush=True)
     results = evaluate(
         model, processor, tasks, shots=config.shots, seeds=config.seeds, selection=config.selection,
         batch_size=config.batch_size, limit=config.limit, results_path=config.out, resume=config.resume,

@@ -9,6 +9,7 @@ configs), never an edit of the runner.
 from __future__ import annotations
 
 import importlib
+import inspect
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,6 +248,35 @@ def register_task(type_name: str, factory: Callable[..., Task] | None = None):
     return add(factory) if factory is not None else add
 
 
+def _constructor_keys(factory: Any) -> list[str] | None:
+    """The keyword arguments ``factory`` accepts, following ``**options`` passed up to base classes'
+    ``__init__`` (how task classes hand the shared options to :class:`Task`); None: cannot tell."""
+    owners = [c for c in factory.__mro__ if "__init__" in c.__dict__ and c is not object] if isinstance(factory, type) else [factory]
+    keys: list[str] = []
+    for owner in owners:
+        try:
+            params = inspect.signature(owner.__init__ if isinstance(owner, type) else owner).parameters
+        except (TypeError, ValueError):
+            return None
+        keys += [n for n, p in params.items() if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return keys
+    return None  # the last constructor still takes **kwargs: anything may be accepted
+
+
+def _check_task_keys(factory: Any, spec: dict[str, Any], type_name: str) -> None:
+    """Refuse keys the task's constructor does not take, each with its closest known key (a typo in a config
+    must not surface as ``__init__() got an unexpected keyword argument``)."""
+    from ..yaml_config import unknown_keys_error
+
+    known = _constructor_keys(factory)
+    unknown = [k for k in spec if known is not None and k not in known]
+    if unknown:
+        cls = factory if isinstance(factory, type) else type(factory)
+        where = f"task {spec['name']!r} ({type_name})" if "name" in spec else f"task {type_name!r}"
+        raise unknown_keys_error(cls, unknown, where, known=sorted(set(known)))
+
+
 def build_task(spec: dict[str, Any]) -> Task:
     """A Task from a config dict: ``{"type": "coco_captioning", "karpathy_json": ..., ...}``.
 
@@ -266,6 +296,7 @@ def build_task(spec: dict[str, Any]) -> Task:
         factory = TASK_TYPES[type_name]
     else:
         raise ValueError(f"unknown task type {type_name!r}; registered: {sorted(TASK_TYPES)} (or give 'module:Class')")
+    _check_task_keys(factory, spec, type_name)
     try:
         return factory(**spec)
     except TypeError as e:

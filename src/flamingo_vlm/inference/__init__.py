@@ -9,6 +9,7 @@ batch (:func:`encode_prompts`) holds its media's visual tokens and each block's 
 every forward, decoding step, beam and candidate computed on it.
 """
 
+from .few_shot import few_shot, few_shot_prompt
 from .generation import generate_texts
 from .media import MediaEncoder, load_video
 from .prompts import PromptBatch, encode_prompts
@@ -16,5 +17,5 @@ from .scoring import candidate_log_likelihoods, continuation_token_ids, rank_sco
 
 __all__ = [
     "MediaEncoder", "PromptBatch", "candidate_log_likelihoods", "continuation_token_ids", "encode_prompts",
-    "generate_texts", "load_video", "rank_scores",
+    "few_shot", "few_shot_prompt", "generate_texts", "load_video", "rank_scores",
 ]

@@ -48,7 +48,7 @@ def encode_prompts(processor, prompts: list[list], media: MediaEncoder, *, num_f
                 parts.append(processor.media_token)
                 all_media.append(item)
                 tail = ""
-        strings.append("".join(parts))
+        strings.append(processor.format_text("".join(parts)))
         tails.append(tail)
     enc = processor.tokenize(strings, padding=True, padding_side=padding_side, return_tensors="pt")
     counts = (enc["input_ids"] == processor.media_token_id).sum(dim=1)

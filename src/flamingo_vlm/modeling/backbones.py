@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..config import FlamingoConfig
+from .sources import load_pretrained
 from .vision import VisionEncoder, load_vision_encoder
 
 LM_SIGNATURE_NAME = "lm_signature.json"
@@ -24,7 +25,7 @@ def load_lm(lm: Any, **kwargs: Any) -> nn.Module:
         return lm
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(lm, **kwargs)
+    return load_pretrained(AutoModelForCausalLM, lm, "lm", **kwargs)
 
 
 def load_backbones(
@@ -46,7 +47,8 @@ def load_backbones(
         lm_kwargs.setdefault("dtype", getattr(torch, config.lm_dtype))  # the dtype it was built / converted in
     lm_model = load_lm(lm, **lm_kwargs)
     encoder = load_vision_encoder(
-        vision, config.vision_type, feature_layer=config.vision_feature_layer, post_norm=config.vision_post_norm, **(vision_kwargs or {})
+        vision, config.vision_type, feature_layer=config.vision_feature_layer, post_norm=config.vision_post_norm,
+        keep_cls=config.vision_keep_cls, **(vision_kwargs or {}),
     )
     return lm_model, encoder
 

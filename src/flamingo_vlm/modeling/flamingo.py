@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import FlamingoConfig
 from .backbones import check_lm_signature, lm_signature, load_backbones, paths_after_loading, paths_for_saving, write_lm_signature
+from .card import push_to_hub, write_model_card
 from .context import NO_MEDIA, MediaContext, MediaKV, StepMedia
 from .lm import (
     CONTEXT_KWARG,
@@ -30,7 +31,7 @@ from .lm import (
 )
 from .loss import PLAIN_HEAD_MODEL_TYPES, causal_lm_loss, head_cross_entropy
 from .masking import build_routing
-from .resampler import PerceiverResampler
+from .resampler import FeatureTokens, PerceiverResampler
 from .vision import VisionEncoder
 from .xattn import GatedCrossAttentionBlock
 
@@ -52,8 +53,13 @@ class FlamingoOutput:
         return getattr(self, key)
 
 
-def xattn_layer_indices(num_layers: int, every_n: int) -> list[int]:
-    """Decoder layers that get a gated xattn block before them: every n-th, counting from 1 (as OpenFlamingo)."""
+def xattn_layer_indices(num_layers: int, every_n: int, position: str = "last") -> list[int]:
+    """Decoder layers that get a gated xattn block before them: the last layer of each group of n (layers
+    n-1, 2n-1, ...: OpenFlamingo), or with ``position="first"`` the first (layers 0, n, 2n, ...: IDEFICS)."""
+    if position == "first":
+        return [i for i in range(num_layers) if i % every_n == 0]
+    if position != "last":
+        raise ValueError(f"cross_attn_position must be 'last' or 'first', got {position!r}")
     return [i for i in range(num_layers) if (i + 1) % every_n == 0]
 
 
@@ -71,17 +77,21 @@ class FlamingoModel(nn.Module):
         self.config = config
         self.vision_encoder = vision_encoder.requires_grad_(False)
         self.lm = lm.requires_grad_(False)
-        self.resampler = PerceiverResampler(
-            dim=vision_encoder.hidden_size,
-            depth=config.resampler_depth,
-            num_latents=config.resampler_num_latents,
-            heads=config.resampler_heads,
-            dim_head=config.resampler_dim_head,
-            ff_mult=config.resampler_ff_mult,
-            max_num_frames=config.max_num_frames,
-            activation=config.ff_activation,
-            spatial_positions=config.resampler_spatial_positions,
-        )
+        if config.use_resampler:
+            self.resampler: PerceiverResampler | FeatureTokens = PerceiverResampler(
+                dim=vision_encoder.hidden_size,
+                depth=config.resampler_depth,
+                num_latents=config.resampler_num_latents,
+                heads=config.resampler_heads,
+                dim_head=config.resampler_dim_head,
+                ff_mult=config.resampler_ff_mult,
+                max_num_frames=config.max_num_frames,
+                activation=config.resampler_ff_activation or config.ff_activation,
+                spatial_positions=config.resampler_spatial_positions,
+                qk_norm=config.resampler_qk_norm,
+            )
+        else:
+            self.resampler = FeatureTokens()
         _, layers = find_decoder_layers(lm, config.decoder_layers_attr)
         if any(isinstance(layer, FlamingoDecoderLayer) for layer in layers):  # check before changing anything
             raise ValueError("this LM is already a Flamingo LM (its decoder layers are wrapped): pass a fresh LM")
@@ -101,8 +111,14 @@ class FlamingoModel(nn.Module):
                 norm_media=config.xattn_norm_media,
                 gate_init=config.gate_init,
                 gate_init_std=config.gate_init_std,
+                norm=config.xattn_norm,
+                norm_eps=config.xattn_norm_eps,
+                qk_norm=config.xattn_qk_norm,
+                ff_type=config.xattn_ff_type,
+                ff_dim=config.xattn_ff_dim,
+                gate=config.xattn_gate,
             )
-            for i in xattn_layer_indices(len(layers), config.cross_attn_every_n_layers)
+            for i in xattn_layer_indices(len(layers), config.cross_attn_every_n_layers, config.cross_attn_position)
         }
         if config.new_token_ids:
             add_new_token_rows(lm, len(config.new_token_ids), config.new_token_ids[0], truncate=config.truncate_vocab)
@@ -115,9 +131,20 @@ class FlamingoModel(nn.Module):
         self.train(False)
 
     # ---- structure ---------------------------------------------------------------------------
+    def _bridge_anchor(self) -> torch.Tensor:
+        """A trained tensor that is always there: the resampler's latents, or (without a resampler) the first
+        xattn block's gate. Read each time, as FSDP replaces parameters."""
+        latents = getattr(self.resampler, "latents", None)
+        return latents if latents is not None else self.xattn_blocks[0].attn_gate
+
     @property
     def device(self) -> torch.device:
-        return self.resampler.latents.device
+        return self._bridge_anchor().device
+
+    @property
+    def bridge_dtype(self) -> torch.dtype:
+        """The dtype of the trained bridge: visual tokens are cast to it."""
+        return self._bridge_anchor().dtype
 
     @property
     def lm_hidden_size(self) -> int:
@@ -215,9 +242,10 @@ class FlamingoModel(nn.Module):
         return feats.view(m, t, *feats.shape[1:])
 
     def encode_media(self, pixel_values: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """pixel_values [M, T, C, H, W] -> visual tokens [M, num_latents, d_visual]."""
+        """pixel_values [M, T, C, H, W] -> visual tokens [M, n, d_visual]: n = num_latents, or T * S vision features
+        without a resampler (``use_resampler=False``)."""
         features = self.encode_vision(pixel_values, frame_mask)
-        return self.resampler(features.to(self.resampler.latents.dtype), frame_mask)
+        return self.resampler(features.to(self.bridge_dtype), frame_mask)
 
     def _visual_tokens(
         self,
@@ -276,7 +304,7 @@ class FlamingoModel(nn.Module):
         if pixel_values is not None:
             return self.encode_media(x, frame_mask), counts
         if vision_features is not None:
-            return self.resampler(x.to(self.resampler.latents.dtype), frame_mask), counts
+            return self.resampler(x.to(self.bridge_dtype), frame_mask), counts
         return x, counts
 
     def media_kv(self, visual_tokens: torch.Tensor) -> MediaKV:
@@ -321,7 +349,8 @@ class FlamingoModel(nn.Module):
             media_offsets=media_offsets,
             media_counts=counts,
             mode=c.media_attention,
-            eos_token_id=c.eos_token_id if c.reset_media_at_eos else None,
+            eos_token_id=c.eos_token_id if (c.reset_media_at_eos or c.reset_media_after_eos) else None,
+            eos_sees_media=c.reset_media_after_eos,
             last_positions=last_positions,
         )
         return MediaContext(visual_tokens=visual_tokens, routing=routing, media_kv=media_kv)
@@ -452,8 +481,11 @@ class FlamingoModel(nn.Module):
         return cache
 
     # ---- persistence -------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write flamingo_config.json and model.safetensors (trained weights only), atomically."""
+    def save_pretrained(self, directory: str | os.PathLike, *, training: dict[str, Any] | None = None,
+                        evaluation: dict[str, Any] | str | os.PathLike | None = None) -> None:
+        """Write flamingo_config.json and model.safetensors (trained weights only), atomically, and a model
+        card (README.md: backbones, bridge, and ``training`` (a TrainConfig dict) / ``evaluation`` (``flamingo
+        eval``'s results, dict or JSON path) when given; see :mod:`flamingo_vlm.modeling.card`)."""
         os.makedirs(directory, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.flamingo_state_dict().items()}
         tmp = os.path.join(directory, WEIGHTS_NAME + ".tmp")
@@ -461,6 +493,15 @@ class FlamingoModel(nn.Module):
         os.replace(tmp, os.path.join(directory, WEIGHTS_NAME))
         paths_for_saving(self.config, directory).save(directory)
         write_lm_signature(self.lm_signature(), directory)
+        write_model_card(self, directory, training=training, evaluation=evaluation)
+
+    def push_to_hub(self, repo_id: str, *, processor: Any = None, private: bool | None = None, token: str | None = None,
+                    commit_message: str = "Upload Flamingo bridge", training: dict[str, Any] | None = None,
+                    evaluation: dict[str, Any] | str | os.PathLike | None = None) -> Any:
+        """Upload what :meth:`save_pretrained` writes (card included; ``processor`` too, if given) to the hub
+        repo ``repo_id`` through ``huggingface_hub`` (created if needed)."""
+        return push_to_hub(self, repo_id, processor=processor, private=private, token=token, commit_message=commit_message,
+                           training=training, evaluation=evaluation)
 
     @classmethod
     def from_pretrained(

@@ -19,7 +19,20 @@ def make_activation(name: str) -> nn.Module:
         return SquaredReLU()
     if name == "gelu":
         return nn.GELU()
-    raise ValueError(f"unknown activation {name!r}: expected 'squared_relu' or 'gelu'")
+    if name == "silu":
+        return nn.SiLU()
+    if name == "relu":
+        return nn.ReLU()
+    raise ValueError(f"unknown activation {name!r}: expected 'squared_relu', 'gelu', 'silu' or 'relu'")
+
+
+def make_norm(kind: str, dim: int, eps: float = 1e-5) -> nn.Module:
+    """[..., dim] -> [..., dim]: "layer_norm" (affine LayerNorm) or "rms_norm" (RMSNorm with a weight, as Llama's)."""
+    if kind == "layer_norm":
+        return nn.LayerNorm(dim, eps=eps)
+    if kind == "rms_norm":
+        return nn.RMSNorm(dim, eps=eps)
+    raise ValueError(f"unknown norm {kind!r}: expected 'layer_norm' or 'rms_norm'")
 
 
 class _ActivationThenLinear(torch.autograd.Function):
@@ -59,10 +72,12 @@ class FeedForward(nn.Sequential):
     :class:`_ActivationThenLinear`); outputs and gradients are those of the plain sequence.
     """
 
-    def __init__(self, dim: int, *, mult: int = 4, activation: str = "squared_relu") -> None:
-        inner = dim * mult
+    def __init__(
+        self, dim: int, *, mult: int = 4, activation: str = "squared_relu", inner: int | None = None, norm: nn.Module | None = None
+    ) -> None:
+        inner = inner or dim * mult
         super().__init__(
-            nn.LayerNorm(dim),
+            norm if norm is not None else nn.LayerNorm(dim),
             nn.Linear(dim, inner, bias=False),
             make_activation(activation),
             nn.Linear(inner, dim, bias=False),
@@ -73,3 +88,22 @@ class FeedForward(nn.Sequential):
         if torch.is_grad_enabled() and (h.requires_grad or self[3].weight.requires_grad):
             return _ActivationThenLinear.apply(h, self[3].weight, self[2])
         return self[3](self[2](h))
+
+
+class GatedFeedForward(nn.Module):
+    """Pre-norm gated MLP, as Llama's: down(act(gate(n(x))) * up(n(x))), no biases. [..., d] -> [..., d].
+
+    IDEFICS's cross-attention layers use this (its LM's MLP, same inner width and activation).
+    """
+
+    def __init__(self, dim: int, *, inner: int, activation: str = "silu", norm: nn.Module | None = None) -> None:
+        super().__init__()
+        self.norm = norm if norm is not None else nn.LayerNorm(dim)
+        self.gate = nn.Linear(dim, inner, bias=False)
+        self.up = nn.Linear(dim, inner, bias=False)
+        self.act = make_activation(activation)
+        self.down = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return self.down(self.act(self.gate(h)) * self.up(h))

@@ -34,9 +34,12 @@ def spatial_position_init(positions: int, dim: int) -> torch.Tensor:
 
 
 class PerceiverAttention(nn.Module):
-    """Latents attend to concat(media features, latents) (keys/values), as in the paper's pseudo-code."""
+    """Latents attend to concat(media features, latents) (keys/values), as in the paper's pseudo-code.
 
-    def __init__(self, *, dim: int, heads: int, dim_head: int) -> None:
+    ``qk_norm``: a LayerNorm over each head's queries and keys (IDEFICS's qk_layer_norms_perceiver).
+    """
+
+    def __init__(self, *, dim: int, heads: int, dim_head: int, qk_norm: bool = False) -> None:
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
@@ -45,6 +48,8 @@ class PerceiverAttention(nn.Module):
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
+        self.q_norm = nn.LayerNorm(dim_head) if qk_norm else None
+        self.k_norm = nn.LayerNorm(dim_head) if qk_norm else None
 
     def forward(
         self, features: torch.Tensor, latents: torch.Tensor, key_mask: torch.Tensor | None = None
@@ -55,6 +60,8 @@ class PerceiverAttention(nn.Module):
         q = self.to_q(latents)
         k, v = self.to_kv(torch.cat([features, latents], dim=1)).chunk(2, dim=-1)
         q, k, v = (rearrange(t, "m s (h d) -> m h s d", h=self.heads) for t in (q, k, v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         mask = None if key_mask is None else key_mask[:, None, None, :]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.to_out(rearrange(out, "m h n d -> m n (h d)"))
@@ -82,6 +89,7 @@ class PerceiverResampler(nn.Module):
         max_num_frames: int = 8,
         activation: str = "squared_relu",
         spatial_positions: int = 0,
+        qk_norm: bool = False,
     ) -> None:
         super().__init__()
         self.latents = nn.Parameter(torch.randn(num_latents, dim))
@@ -90,7 +98,7 @@ class PerceiverResampler(nn.Module):
         self.layers = nn.ModuleList(
             nn.ModuleList(
                 [
-                    PerceiverAttention(dim=dim, heads=heads, dim_head=dim_head),
+                    PerceiverAttention(dim=dim, heads=heads, dim_head=dim_head, qk_norm=qk_norm),
                     FeedForward(dim, mult=ff_mult, activation=activation),
                 ]
             )
@@ -152,3 +160,20 @@ class PerceiverResampler(nn.Module):
             latents = latents + attn(x, latents, key_mask)
             latents = latents + ff(latents)
         return self.norm(latents)
+
+
+class FeatureTokens(nn.Module):
+    """No resampling: [M, T, S, d] frame features (+ frame mask [M, T]) -> [M, T * S, d] visual tokens, every
+    vision feature a visual token (IDEFICS's ``use_resampler=False``). Nothing to train."""
+
+    layers = ()  # no resampler layers (for code that walks them)
+
+    def forward(self, features: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if features.ndim != 4:
+            raise ValueError(f"expects features [media, frames, positions, dim], got shape {tuple(features.shape)}")
+        if frame_mask is not None and not bool(frame_mask.all()):
+            raise ValueError(
+                "without a resampler (use_resampler=False) every feature of every frame is a visual token: media with "
+                "padding frames (a frame_mask with False entries) cannot be batched; pass videos of one length"
+            )
+        return rearrange(features, "m t s d -> m (t s) d")

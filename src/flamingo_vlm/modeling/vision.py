@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .sources import check_backbone_source, load_vision_tower
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -145,6 +147,12 @@ class VisionEncoder(nn.Module):
     name_or_path: str | None = None
     vision_type: str = ""
 
+    def set_keep_cls(self, keep_cls: bool) -> None:
+        """Whether the features keep the encoder's CLS token (IDEFICS uses every token of the last hidden state).
+        Adapters whose features never hold it accept only False."""
+        if keep_cls:
+            raise ValueError(f"the {self.vision_type or type(self).__name__} vision adapter cannot keep a CLS token (vision_keep_cls=True)")
+
     def set_post_norm(self, post_norm: bool) -> None:
         """Whether the features get the encoder's final LayerNorm (CLIP ``post_layernorm``, open_clip ``ln_post``).
 
@@ -177,6 +185,11 @@ class HFVisionEncoder(VisionEncoder):
         if native and not post_norm:
             super().set_post_norm(post_norm)
         self.post_norm = getattr(self.model, "vision_model", self.model).post_layernorm if post_norm and not native else None
+
+    def set_keep_cls(self, keep_cls: bool) -> None:
+        if keep_cls and self.vision_type != "clip":
+            super().set_keep_cls(keep_cls)  # SigLIP has no CLS token
+        self.drop_cls = self.vision_type == "clip" and not keep_cls
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         want_hidden = self.feature_layer != -1
@@ -242,7 +255,7 @@ def _load_hf(name_or_path, vision_type: str, feature_layer: int, **kwargs) -> Vi
         model, path = name_or_path, getattr(name_or_path, "name_or_path", None)
         model = getattr(model, "vision_model", model) if not isinstance(model, model_cls) else model
     else:
-        model, path = model_cls.from_pretrained(name_or_path, **kwargs), str(name_or_path)
+        model, path = load_vision_tower(model_cls, name_or_path, **kwargs), str(name_or_path)
     config = model.config
     if hasattr(config, "vision_config"):
         config = config.vision_config
@@ -359,21 +372,32 @@ def guess_vision_type(name_or_path) -> str:
 
 
 def load_vision_encoder(
-    name_or_path, vision_type: str | None = None, *, feature_layer: int = -1, post_norm: bool | None = None, **kwargs
+    name_or_path,
+    vision_type: str | None = None,
+    *,
+    feature_layer: int = -1,
+    post_norm: bool | None = None,
+    keep_cls: bool = False,
+    **kwargs,
 ) -> VisionEncoder:
     """Build a frozen VisionEncoder from a model object, a local path or a hub name.
 
-    ``post_norm``: see :meth:`VisionEncoder.set_post_norm` (None: the adapter's native features).
+    ``post_norm``: see :meth:`VisionEncoder.set_post_norm` (None: the adapter's native features);
+    ``keep_cls``: see :meth:`VisionEncoder.set_keep_cls`.
     """
     if isinstance(name_or_path, VisionEncoder):
         encoder = name_or_path
     else:
+        if vision_type in (None, "clip", "siglip"):  # a path or hub name (open_clip / timm take model names)
+            check_backbone_source(name_or_path, "vision")
         vision_type = vision_type or guess_vision_type(name_or_path)
         if vision_type not in VISION_LOADERS:
             raise ValueError(f"unknown vision_type {vision_type!r}: expected one of {sorted(VISION_LOADERS)}")
         encoder = VISION_LOADERS[vision_type](name_or_path, vision_type, feature_layer, **kwargs)
     if post_norm is not None:
         encoder.set_post_norm(post_norm)
+    if keep_cls:
+        encoder.set_keep_cls(True)
     encoder.requires_grad_(False)
     encoder.eval()
     return encoder

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,13 +70,17 @@ class FlamingoProcessor:
         media_token: str = MEDIA_TOKEN,
         end_of_chunk_token: str = END_OF_CHUNK_TOKEN,
         special_tokens_in_text: str = "allow",
+        media_wrapper_token: str | None = None,
     ) -> None:
+        """media_wrapper_token: a token written around each run of media (IDEFICS's ``<fake_token_around_image>``:
+        ``W<image>W`` for one image, ``W<image>W<image>W`` for two in a row); see :meth:`format_text`."""
         self.tokenizer = tokenizer
         self.image_transform = image_transform
         self.media_token = media_token
         self.end_of_chunk_token = end_of_chunk_token
+        self.media_wrapper_token = media_wrapper_token
         vocab = tokenizer.get_vocab()
-        for token in (media_token, end_of_chunk_token):
+        for token in (media_token, end_of_chunk_token) + ((media_wrapper_token,) if media_wrapper_token else ()):
             if token not in vocab:
                 raise ValueError(f"the tokenizer has no {token!r} token: call flamingo_vlm.add_special_tokens(tokenizer) first")
         if tokenizer.pad_token_id is None:
@@ -91,7 +96,8 @@ class FlamingoProcessor:
 
     @special_tokens_in_text.setter
     def special_tokens_in_text(self, policy: str) -> None:
-        self._prompt_tokenizer = PromptTokenizer(self.tokenizer, (self.media_token, self.end_of_chunk_token), policy)
+        markers = (self.media_token, self.end_of_chunk_token) + ((self.media_wrapper_token,) if self.media_wrapper_token else ())
+        self._prompt_tokenizer = PromptTokenizer(self.tokenizer, markers, policy)
 
     def tokenize(self, texts: str | list[str], **kwargs: Any):
         """Prompt strings (text joined with media/end-of-chunk markers) -> the tokenizer's ``BatchEncoding``,
@@ -124,7 +130,7 @@ class FlamingoProcessor:
             samples = self._placeholders(text, images)
         if not samples or not any(s for s, _ in samples):
             raise ValueError("nothing to process: the inputs hold no text and no media")
-        strings = [s for s, _ in samples]
+        strings = [self.format_text(s) for s, _ in samples]
         media = [m for _, row in samples for m in row]
         enc = self.tokenize(strings, padding=True, padding_side=padding_side, return_tensors="pt")
         counts = (enc["input_ids"] == self.media_token_id).sum(dim=1).tolist()
@@ -145,6 +151,15 @@ class FlamingoProcessor:
                     f"(the rule of `flamingo train`)", stacklevel=2,
                 )
         return BatchFeature(data, tensor_type=None)
+
+    def format_text(self, text: str) -> str:
+        """The text as the model reads it: without a media wrapper token, ``text`` itself; with one (W), each run
+        of media tokens, with or without wrappers already around them, becomes ``W`` + ``<image>W`` per medium."""
+        if self.media_wrapper_token is None:
+            return text
+        media, wrapper = re.escape(self.media_token), re.escape(self.media_wrapper_token)
+        run = re.compile(f"(?:{wrapper})*{media}(?:(?:{wrapper})*{media})*(?:{wrapper})*")
+        return run.sub(lambda m: self.media_wrapper_token + (self.media_token + self.media_wrapper_token) * m.group().count(self.media_token), text)
 
     def _interleaved(self, inputs: Sequence[Any]) -> list[tuple[str, list[torch.Tensor]]]:
         if isinstance(inputs, (str, bytes)) or not isinstance(inputs, (list, tuple)):
@@ -225,10 +240,10 @@ class FlamingoProcessor:
         self.tokenizer.save_pretrained(directory)
         self.image_transform.save(directory)
         with open(os.path.join(directory, PROCESSOR_CONFIG_NAME), "w") as f:
-            json.dump(
-                {"media_token": self.media_token, "end_of_chunk_token": self.end_of_chunk_token, "special_tokens_in_text": self.special_tokens_in_text},
-                f, indent=2,
-            )
+            tokens = {"media_token": self.media_token, "end_of_chunk_token": self.end_of_chunk_token, "special_tokens_in_text": self.special_tokens_in_text}
+            if self.media_wrapper_token is not None:
+                tokens["media_wrapper_token"] = self.media_wrapper_token
+            json.dump(tokens, f, indent=2)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "FlamingoProcessor":

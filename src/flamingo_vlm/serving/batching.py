@@ -57,11 +57,19 @@ class Batcher:
 
     # ---- lifecycle (inside the server's event loop) ------------------------------------------
     async def start(self) -> None:
+        reset = getattr(self.run_batch, "reset", None)  # a model call cut short by an earlier stop() runs again
+        if reset is not None:
+            reset()
         self._queue = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flamingo-model")
         self._collector = asyncio.create_task(self._collect(), name="flamingo-batcher")
 
     async def stop(self) -> None:
+        """Refuse what waits (503), cut a running model call short (``run_batch.cancel()``, if it has one) and
+        wait for the model thread."""
+        cancel = getattr(self.run_batch, "cancel", None)
+        if cancel is not None:
+            cancel()
         if self._collector is not None:
             self._collector.cancel()
             try:

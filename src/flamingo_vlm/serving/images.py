@@ -33,15 +33,23 @@ def decode_base64(data: str, where: str) -> bytes:
     return raw
 
 
-def decode_image(data: str, where: str, *, max_pixels: int) -> Image.Image:
-    """An RGB PIL image from base64 / a data URL; 400 if it cannot be decoded, 413 if over ``max_pixels``.
-
-    The one image decoder (:func:`flamingo_vlm.processing.images.decode_image`) checks the pixel count from
-    the header before decoding any pixel; its errors become the HTTP errors here.
-    """
+def open_image(data: str, where: str, *, max_pixels: int) -> Image.Image:
+    """A PIL image from base64 / a data URL with only its header read (no pixel decoded yet); 400 if it is
+    not an image, 413 if over ``max_pixels``. Its ``size`` says what decoding it will cost."""
     raw = decode_base64(data, where)
     try:
-        return images.decode_image(raw, max_pixels=max_pixels, formats=FORMATS)
+        return images.open_image(raw, max_pixels=max_pixels, formats=FORMATS)
+    except images.ImageTooLarge as e:
+        raise too_large(f"{where}: {e}") from e
+    except images.ImageDecodeError as e:
+        raise bad_request(f"{where}: {e}") from e
+
+
+def decode_opened(image: Image.Image, where: str) -> Image.Image:
+    """The RGB pixels of an image :func:`open_image` opened (the one image decoder:
+    :func:`flamingo_vlm.processing.images.decode_image`); its errors become HTTP errors."""
+    try:
+        return images.decode_image(image)
     except images.ImageTooLarge as e:
         raise too_large(f"{where}: {e}") from e
     except images.ImageDecodeError as e:

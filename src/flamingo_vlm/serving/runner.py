@@ -8,9 +8,11 @@ and resampler exactly once; a batch of prompts gives what each prompt gives alon
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Hashable
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..inference import MediaEncoder, candidate_log_likelihoods, generate_texts
 
@@ -24,6 +26,16 @@ def generation_key(kwargs: dict[str, Any], seed: int | None, request_id: int) ->
 SCORE_KEY = ("score",)
 
 
+class _StopWhenSet(StoppingCriteria):
+    """Ends every sequence at the next step once ``event`` is set (the server is shutting down)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 class ModelRunner:
     """``run_batch(key, payloads)`` for the :class:`~flamingo_vlm.serving.batching.Batcher`.
 
@@ -34,6 +46,14 @@ class ModelRunner:
     def __init__(self, model, processor) -> None:
         self.model = model.eval()
         self.processor = processor
+        self.stopping = threading.Event()
+
+    def cancel(self) -> None:
+        """Cut a running generation short at its next step (the server's shutdown grace period is over)."""
+        self.stopping.set()
+
+    def reset(self) -> None:
+        self.stopping.clear()
 
     def __call__(self, key: Hashable, payloads: list[Any]) -> list[Any]:
         media = MediaEncoder(self.model, self.processor)
@@ -43,4 +63,5 @@ class ModelRunner:
         _, params, seed, _ = key
         if seed is not None:
             torch.manual_seed(seed)
-        return generate_texts(self.model, self.processor, payloads, media=media, **dict(params))
+        stop = StoppingCriteriaList([_StopWhenSet(self.stopping)])
+        return generate_texts(self.model, self.processor, payloads, media=media, stopping_criteria=stop, **dict(params))

@@ -199,7 +199,7 @@ def run_demo(out_dir: str | Path = "flamingo-demo", *, quick: bool = False, seed
     trained = train(model, processor, config, progress=progress)
     unchanged = lm_is_unchanged(model)
     print(f"trained {settings.steps} steps; LM weights bit-identical to the cached backbone: {'yes' if unchanged else 'NO'}")
-    model.save_pretrained(out / "model")
+    model.save_pretrained(out / "model", training=config.to_dict())  # the model card names the toy-world training
     processor.save_pretrained(out / "model")
     trained_at = time.time()
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -40,19 +41,25 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="override config keys, e.g. steps=100 datasets.0.batch_size=8 (right after CONFIG, or with --set)")
     p.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--output-dir", default=None)
-    p.add_argument("--resume", action="store_true", default=None, help="continue from the latest checkpoint in output_dir (if any)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps of the whole run (overrides the config's `steps`)")
+    p.add_argument("--output-dir", default=None,
+                   help="where metrics.jsonl, checkpoints/ and final/ go (overrides `output_dir`); it must be empty unless resuming")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue the run in output_dir from its latest checkpoint (same configuration only)")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="start over even if the config says resume")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="delete the run already in output_dir and start a new one there")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar: a log line every `log_every` steps instead")
 
 
 def run_train_cli(args: argparse.Namespace) -> int:
     """``flamingo train``: load the config (+ overrides), build the model, train, report."""
     import torch.distributed as dist
 
+    from ..modeling.card import write_model_card
+    from ..modeling.summary import default_device, run_banner
     from .config import load_train_config
     from .loop import train
+    from .rundir import prepare_run_dir
 
     overrides = list(args.overrides or []) + list(getattr(args, "set_overrides", None) or [])
     if args.steps is not None:
@@ -63,14 +70,20 @@ def run_train_cli(args: argparse.Namespace) -> int:
         overrides.append(f"resume={str(args.resume).lower()}")
     config = load_train_config(args.config, overrides)
     owns_process_group = not dist.is_initialized()  # train() joins torchrun's group; this command ends it
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    if rank == 0:  # one process checks and records the run (the others would see its record)
+        prepare_run_dir(config.to_dict(), overwrite=getattr(args, "overwrite", False))
     try:
         model, processor = build_model(config)
+        if rank == 0:
+            print(run_banner("train", model, device=default_device(config.device), output=config.output_dir), flush=True)
         result = train(model, processor, config, progress=not args.no_progress)
         if not dist.is_initialized() or dist.get_rank() == 0:
             if result.history:
                 last = result.history[-1]
                 print(f"step {last['step']}: loss {last['loss']:.4f}")
             if result.final_dir:
+                write_model_card(model, result.final_dir, training=config.to_dict())  # what it was trained on, for sharing
                 print(f"model: {result.final_dir}")
     finally:
         if owns_process_group and dist.is_initialized():

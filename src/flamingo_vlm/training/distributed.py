@@ -180,7 +180,8 @@ def shard_model(model, env: DistEnv, strategy: str = "fsdp") -> None:
         fully_shard(layer, mesh=mesh)
     for block in _vision_blocks(model.vision_encoder):
         fully_shard(block, mesh=mesh)
-    fully_shard(model.resampler, mesh=mesh)
+    if any(True for _ in model.resampler.parameters()):  # none without a resampler (use_resampler=False)
+        fully_shard(model.resampler, mesh=mesh)
     fully_shard(model, mesh=mesh)
 
 

@@ -26,6 +26,7 @@ class MetricsLogger:
         tensorboard: bool = False,
     ) -> None:
         self.enabled, self.log_every = enabled, log_every
+        self.progress, self.total_steps = progress, total_steps
         self.file = None
         self.writer = None
         self.bar = None
@@ -57,7 +58,9 @@ class MetricsLogger:
             return
         self.file.write(json.dumps(record) + "\n")
         step = record["step"]
-        if step % self.log_every == 0:
+        if step % self.log_every == 0 or step == self.total_steps:
+            if not self.progress:  # no bar (CI logs, files): a plain line instead, flushed at once
+                print(f"step {step}/{self.total_steps}: loss {record['loss']:.4f}, {record['tokens_per_s']:.0f} tok/s", flush=True)
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
             if self.writer is not None:
                 for key, value in record.items():
