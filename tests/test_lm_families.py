@@ -312,6 +312,25 @@ def test_relayed_beam_search_cached_equals_uncached(family, use_cache):
     torch.testing.assert_close(cached.sequences_scores, recomputed.sequences_scores, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["mpt", "gpt2"])
+def test_an_lm_built_on_the_meta_device_gets_the_media(family):
+    """Sharded construction builds the LM on the meta device, where the route cannot be probed: once its weights
+    are materialised the model computes what one built on the CPU does (images included)."""
+    model, processor = build(family)
+    randomize_bridge(model)
+    _, padding, kwargs = FAMILIES[family]
+    config = AutoConfig.for_model(FAMILIES[family][0], vocab_size=TOKENIZER_LEN + padding, bos_token_id=0, eos_token_id=1, **kwargs)
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config).eval()
+    meta_model, _ = build_flamingo(lm, make_tiny_clip(), make_tokenizer(), **SMALL_BRIDGE)
+    meta_model.lm.to_empty(device="cpu")  # the LM with its xattn blocks, and the resampler, which followed it
+    meta_model.resampler.to_empty(device="cpu")
+    meta_model.load_state_dict(model.state_dict())
+    batch = _prompts(processor)
+    with torch.no_grad():
+        assert torch.equal(meta_model(**batch).logits, model(**batch).logits)
+
+
 class _CustomCodeLM(torch.nn.Module):
     """A causal LM as custom (``trust_remote_code``) code may write one: a forward with a fixed signature (no
     ``**kwargs``, as MosaicGPT's for OpenFlamingo-3B's MPT-1B), and optionally a layer loop that calls each

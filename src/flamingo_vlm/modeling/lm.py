@@ -298,14 +298,18 @@ def route_context(lm: nn.Module, layers: nn.ModuleList) -> None:
     Most families pass the causal LM's extra keyword arguments down to every decoder layer. For one whose
     forward drops them (transformers 5's MPT and Falcon) or does not take them (custom code with a fixed
     signature) a relay is installed (:func:`_install_context_relay`) and the route probed again, so that no
-    family runs with cross-attention blocks that never see the images.
+    family runs with cross-attention blocks that never see the images. An LM on the meta device cannot run the
+    probe: it gets the relay, which carries the context for every family.
     """
     try:
-        if _probe_context_route(lm, layers) is not False:
-            return  # reached (or nothing to run yet: weights materialised later)
+        reached = _probe_context_route(lm, layers)
     except TypeError:
-        pass  # the forward does not take the keyword: the relay takes it off before the forward runs
+        reached = False  # the forward does not take the keyword: the relay takes it off before the forward runs
+    if reached:
+        return
     _install_context_relay(lm, layers)
+    if reached is None:
+        return  # an LM on the meta device (materialised later) cannot be probed: the relay works for every family
     name = type(lm).__name__
     try:
         reached = _probe_context_route(lm, layers)
