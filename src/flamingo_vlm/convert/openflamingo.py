@@ -192,7 +192,11 @@ def _lm_key_renamings(lm: nn.Module) -> list:
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightRenaming
 
-    return [t for t in get_model_conversion_mapping(lm, add_legacy=False) if type(t) is WeightRenaming]
+    try:
+        transforms = get_model_conversion_mapping(lm, add_legacy=False)  # not the LayerNorm gamma/beta renames
+    except TypeError:  # a transformers 5 without add_legacy
+        transforms = get_model_conversion_mapping(lm)
+    return [t for t in transforms if type(t) is WeightRenaming]
 
 
 def _rename_lm_keys(state: dict[str, torch.Tensor], lm: nn.Module, *, to_openflamingo: bool = False) -> dict[str, torch.Tensor]:
