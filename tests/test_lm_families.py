@@ -225,7 +225,8 @@ def test_padding_row_ids_run_in_generation(family):
     batch = _prompts(processor)
     target = padding_ids(family)[-1]
     out = model.generate(
-        **batch, max_new_tokens=3, do_sample=False, sequence_bias={(target,): 1e4}, return_dict_in_generate=True, output_logits=True
+        **batch, max_new_tokens=3, do_sample=False, sequence_bias={(target,): 1e4}, return_dict_in_generate=True, output_logits=True,
+        use_cache=True,
     )
     assert bool((out.sequences[:, -3:] == target).all())
     # each step's logits (the KV cache holding the emitted ids) equal a full recomputation's
