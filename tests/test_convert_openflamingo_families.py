@@ -103,11 +103,13 @@ def test_every_block_receives_the_media(converted):
 def test_greedy_generation_matches_openflamingo(converted):
     fixture, model, _, _ = converted
     t = fixture.tensors
-    out = model.generate(
-        t["input_ids"], t["attention_mask"], pixel_values=fixture.pixels(), max_new_tokens=fixture.meta["max_new_tokens"],
-        do_sample=False, num_beams=1, eos_token_id=fixture.meta["token_ids"]["<|endofchunk|>"], suppress_tokens=None,
-    )
-    assert torch.equal(out, t["generated"])
+    for use_cache in (None, True):  # the LM's default (MPT's config: no KV cache), and with the KV cache
+        out = model.generate(
+            t["input_ids"], t["attention_mask"], pixel_values=fixture.pixels(), max_new_tokens=fixture.meta["max_new_tokens"],
+            do_sample=False, num_beams=1, eos_token_id=fixture.meta["token_ids"]["<|endofchunk|>"], suppress_tokens=None,
+            **({} if use_cache is None else {"use_cache": use_cache}),
+        )
+        assert torch.equal(out, t["generated"]), use_cache
 
 
 def test_processor_tokenizes_like_openflamingo(converted):
