@@ -2,6 +2,7 @@
 
     flamingo train configs/train/flamingo-3b.yaml steps=1000 datasets.0.batch_size=32
     torchrun --nproc-per-node 8 -m flamingo_vlm.training.cli configs/train/flamingo-9b.yaml --resume
+    flamingo train configs/train/flamingo-80b.yaml --dry-run --world-size 64   # check a launch, build nothing
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", default=None, help="continue from the latest checkpoint in output_dir (if any)")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="start over even if the config says resume")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config at --world-size (batches, lanes, mesh, output_dir), build the model on the meta "
+                        "device, print parameters, memory per rank and bytes communicated per step, and exit")
+    p.add_argument("--world-size", type=int, default=None, help="processes the dry run plans for (default: WORLD_SIZE, or 1)")
 
 
 def run_train_cli(args: argparse.Namespace) -> int:
@@ -53,6 +58,7 @@ def run_train_cli(args: argparse.Namespace) -> int:
 
     from .config import load_train_config
     from .loop import train
+    from .plan import check_launch, dry_run, world_size_from_env
 
     overrides = list(args.overrides or []) + list(getattr(args, "set_overrides", None) or [])
     if args.steps is not None:
@@ -62,6 +68,13 @@ def run_train_cli(args: argparse.Namespace) -> int:
     if args.resume is not None:
         overrides.append(f"resume={str(args.resume).lower()}")
     config = load_train_config(args.config, overrides)
+    world_size = args.world_size if getattr(args, "world_size", None) is not None else world_size_from_env()
+    if getattr(args, "dry_run", False):
+        dry_run(config, world_size)
+        return 0
+    if getattr(args, "world_size", None) is not None and args.world_size != world_size_from_env():
+        raise ValueError(f"--world-size {args.world_size} is for --dry-run; this launch has {world_size_from_env()} process(es)")
+    check_launch(config, world_size)  # before anything is downloaded or built
     owns_process_group = not dist.is_initialized()  # train() joins torchrun's group; this command ends it
     try:
         model, processor = build_model(config)

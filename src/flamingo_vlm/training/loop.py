@@ -34,6 +34,7 @@ from .config import TrainConfig, load_train_config
 from .distributed import DistEnv, autocast_context, full_tensor, init_distributed, prepare_model, set_gradient_sync
 from .metrics import MetricsLogger
 from .optim import build_optimizer, build_scheduler
+from .plan import check_launch
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +185,7 @@ def train(
     if not isinstance(config, TrainConfig):
         config = load_train_config(config)
     env = init_distributed(config.device)
+    check_launch(config, env.world_size)  # every world-size rule, before the model is prepared
     torch.manual_seed(config.seed)
     output_dir = Path(config.output_dir)
     if env.is_main:
