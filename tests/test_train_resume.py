@@ -13,7 +13,6 @@ import time
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from flamingo_vlm.training import load_train_config, train
 from flamingo_vlm.training import checkpoint as ckpt
@@ -67,6 +66,11 @@ def test_uninterrupted_run_keeps_the_last_checkpoints(uninterrupted):
     reloaded, processor = load_flamingo(out / "final", lm=make_tiny_lm("llama", vocab_size=len(make_tokenizer())), vision=make_tiny_clip())
     assert processor.media_token_id == reloaded.config.media_token_id
     assert all(torch.equal(p, final[n]) for n, p in reloaded.trainable_parameters())
+    # a (sharded) checkpoint exports to the same layout
+    exported = ckpt.export_checkpoint(out / "checkpoints" / "step-00000006", out / "exported")
+    reloaded, _ = load_flamingo(exported, lm=make_tiny_lm("llama", vocab_size=len(make_tokenizer())), vision=make_tiny_clip(),
+                                tokenizer=make_tokenizer())
+    assert all(torch.equal(p, final[n]) for n, p in reloaded.trainable_parameters())
 
 
 def test_killed_and_resumed_run_reproduces_the_losses(data, uninterrupted, tmp_path):
@@ -114,7 +118,7 @@ def test_a_checkpoint_write_killed_midway_leaves_the_previous_one(data, uninterr
     previous = latest_checkpoint(tmp_path)
     assert previous.name == "step-00000002"
     # the previous checkpoint loads: as a model directory, and to resume from
-    state = load_file(str(previous / "model.safetensors"))
+    state = ckpt.checkpoint_weights(previous)
     fresh, processor = build("llama")
     fresh.load_flamingo_state_dict(state)
     resumed = train(fresh, processor, config(data, tmp_path, resume=True), progress=False)

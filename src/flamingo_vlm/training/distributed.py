@@ -212,24 +212,3 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def copy_full_into(target: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy a whole tensor into ``target``, or into this process's shard of it when it is a DTensor."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    with torch.no_grad():
-        if isinstance(target, DTensor):
-            local = distribute_tensor(full.to(target.device, target.dtype), target.device_mesh, target.placements, src_data_rank=None)
-            target.to_local().copy_(local.to_local())
-        else:
-            target.copy_(full.to(target.device, target.dtype))
-
-
-def shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """A whole tensor laid out like ``param`` (a DTensor shard of it when ``param`` is one)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if isinstance(param, DTensor):
-        return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
-    return full.to(param.device)
