@@ -54,7 +54,7 @@ def test_two_processes_give_the_single_process_loss_curve(tmp_path):
            str(path), f"output_dir={tmp_path / 'fsdp'}", "--no-progress", "::",
            str(path), f"output_dir={tmp_path / 'ddp'}", "distributed=ddp", "save_final=false", "--no-progress", "::",
            str(path), f"output_dir={tmp_path / 'fsdp-resumed'}", f"resume={tmp_path / 'fsdp' / 'checkpoints' / 'step-00000002'}",
-           "save_final=false", "--no-progress", "::",
+           "save_final=false", "async_checkpoint=true", "checkpoint_every=1", "--no-progress", "::",
            str(path), *big]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -80,6 +80,7 @@ def test_two_processes_give_the_single_process_loss_curve(tmp_path):
 
     # a 2-process checkpoint resumes on 2 processes (above) and in one process, and continues the same curve
     assert [x["loss"] for x in metrics(tmp_path / "fsdp-resumed")] == pytest.approx(expected[2:], abs=1e-4)
+    assert sorted(p.name for p in (tmp_path / "fsdp-resumed" / "checkpoints").iterdir()) == ["step-00000003", "step-00000004"]  # async
     resumed_cfg = load_train_config(path, [f"output_dir={tmp_path / 'fsdp'}", f"resume={tmp_path / 'fsdp' / 'checkpoints' / 'step-00000002'}"])
     resumed = train(*build_model(resumed_cfg), resumed_cfg, progress=False)
     assert [h["loss"] for h in resumed.history] == pytest.approx(expected[2:], abs=1e-4)

@@ -196,6 +196,43 @@ def _dcp_keys(path: Path) -> set[str]:
 
 
 # ---- save / load ---------------------------------------------------------------------------------
+class PendingCheckpoint:
+    """A checkpoint whose shards are still being written in the background (``async_checkpoint``):
+    :meth:`wait` finishes the write and publishes it (every process must call it)."""
+
+    def __init__(self, future, publish) -> None:
+        self._future, self._publish, self.path = future, publish, None
+
+    def wait(self) -> Path:
+        if self.path is None:
+            self._future.result()
+            self.path = self._publish()
+        return self.path
+
+    def abandon(self) -> None:
+        """Let the background write finish without publishing it (the run is failing: no collectives)."""
+        try:
+            self._future.result()
+        except Exception:  # noqa: BLE001 - the run's own error is the one to report
+            logger.exception("a background checkpoint write failed while the run was stopping")
+
+
+_ASYNC_GROUPS: dict[int, Any] = {}
+
+
+def _async_group(env: DistEnv):
+    """A gloo group of its own for the background writes, so that they never interleave with the
+    training's collectives on the default group (created once, on every process)."""
+    import torch.distributed as dist
+
+    if not env.distributed:
+        return None
+    key = id(dist.group.WORLD)
+    if key not in _ASYNC_GROUPS:
+        _ASYNC_GROUPS[key] = dist.new_group(backend="gloo")
+    return _ASYNC_GROUPS[key]
+
+
 def save_checkpoint(
     output_dir: str | os.PathLike,
     step: int,
@@ -206,8 +243,13 @@ def save_checkpoint(
     trainer_state: dict,
     env: DistEnv,
     keep_last: int = 0,
-) -> Path:
-    """Write the checkpoint of ``step`` atomically (see module doc); every process must call this."""
+    background: bool = False,
+) -> Path | PendingCheckpoint:
+    """Write the checkpoint of ``step`` atomically (see module doc); every process must call this.
+
+    ``background``: copy the shards to memory now and write them in a background thread; returns a
+    :class:`PendingCheckpoint` whose ``wait()`` (before the next save, and before the run ends) publishes it.
+    """
     import torch.distributed.checkpoint as dcp
 
     root = Path(output_dir) / CHECKPOINTS_DIR
@@ -218,30 +260,40 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
         tmp.mkdir()
     env.barrier()
-    # every process writes its own shards (a collective: the plan is agreed on first); DCP fsyncs its files
-    with _single_process_quiet():
-        dcp.save(sharded_state(model, optimizer), storage_writer=dcp.FileSystemWriter(str(tmp / DCP_DIR), sync_files=True), no_dist=not env.distributed)
     write_bytes(tmp / f"rng-rank{env.rank:05d}.pt", _torch_bytes(rng_state()))
     if env.is_main:
         write_bytes(tmp / CONFIG_NAME, json.dumps(model.config.to_dict(), indent=2, sort_keys=True).encode())
         write_bytes(tmp / OPTIMIZER_NAME, _torch_bytes({"param_groups": optimizer_groups(optimizer), "scheduler": scheduler.state_dict()}))
-    env.barrier()
-    if env.is_main:
-        write_bytes(tmp / STATE_NAME, json.dumps({**trainer_state, "step": step, "world_size": env.world_size}, indent=1).encode())
-        _fsync_dir(tmp / DCP_DIR)
-        _fsync_dir(tmp)
-        trash = root / f".old-{final.name}"
-        if final.exists():  # the same step saved again (e.g. the last step): replace it
+    state = sharded_state(model, optimizer)
+    writer = dcp.FileSystemWriter(str(tmp / DCP_DIR), sync_files=True)
+    trainer_state = {**trainer_state, "step": step, "world_size": env.world_size}
+
+    def publish() -> Path:
+        env.barrier()
+        if env.is_main:
+            write_bytes(tmp / STATE_NAME, json.dumps(trainer_state, indent=1).encode())
+            _fsync_dir(tmp / DCP_DIR)
+            _fsync_dir(tmp)
+            trash = root / f".old-{final.name}"
+            if final.exists():  # the same step saved again (e.g. the last step): replace it
+                shutil.rmtree(trash, ignore_errors=True)
+                os.replace(final, trash)
+            os.replace(tmp, final)
+            _fsync_dir(root)
             shutil.rmtree(trash, ignore_errors=True)
-            os.replace(final, trash)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        shutil.rmtree(trash, ignore_errors=True)
-        if keep_last > 0:
-            for _, old in list_checkpoints(output_dir)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-    env.barrier()
-    return final
+            if keep_last > 0:
+                for _, old in list_checkpoints(output_dir)[:-keep_last]:
+                    shutil.rmtree(old, ignore_errors=True)
+        env.barrier()
+        return final
+
+    # every process writes its own shards (a collective: the plan is agreed on first); DCP fsyncs its files
+    with _single_process_quiet():
+        if background:
+            future = dcp.async_save(state, storage_writer=writer, process_group=_async_group(env), no_dist=not env.distributed)
+            return PendingCheckpoint(future, publish)
+        dcp.save(state, storage_writer=writer, no_dist=not env.distributed)
+    return publish()
 
 
 def load_checkpoint(path: str | os.PathLike, *, model, optimizer, scheduler, env: DistEnv) -> dict:

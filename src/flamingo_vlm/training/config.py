@@ -131,6 +131,7 @@ class TrainConfig:
     # outputs
     output_dir: str = "runs/flamingo"
     checkpoint_every: int = 1000  # 0: only at the end
+    async_checkpoint: bool = False  # copy the shards to memory and write them while training goes on
     keep_last: int = 3
     save_final: bool = True  # write output_dir/final (save_pretrained layout + processor)
     log_every: int = 10

@@ -29,7 +29,7 @@ import torch
 from ..data.labels import collate
 from ..data.mixture import COUNT_KEYS, Mixture
 from ..data.samples import Sample
-from .checkpoint import CHECKPOINTS_DIR, latest_checkpoint, load_checkpoint, save_checkpoint, save_final
+from .checkpoint import CHECKPOINTS_DIR, PendingCheckpoint, checkpoint_dir_name, latest_checkpoint, load_checkpoint, save_checkpoint, save_final
 from .config import TrainConfig, load_train_config
 from .distributed import DistEnv, autocast_context, full_tensor, init_distributed, prepare_model, set_gradient_sync
 from .metrics import MetricsLogger
@@ -224,6 +224,7 @@ def train(
         log.message(f"{env.world_size} processes, {config.distributed} on {env.device.type}")
     model.train()
     last_counts = [dict(c) for c in trainer_state.get("counts", [{} for _ in names])]
+    pending: PendingCheckpoint | None = None
     try:
         for step in range(start, config.steps):
             t0 = time.perf_counter()
@@ -261,16 +262,25 @@ def train(
 
             if step + 1 == config.steps or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0):
                 data_state = _merge_data_states(env.gather_objects(mixture.state_dict()))
-                path = save_checkpoint(
+                if pending is not None:  # the previous background save is published before the next starts
+                    pending.wait()
+                saved = save_checkpoint(
                     output_dir, step + 1, model=model, optimizer=optimizer, scheduler=scheduler, env=env, keep_last=config.keep_last,
                     trainer_state={"data": data_state, "counts": counts, "config": config.to_dict(), "time": time.time()},
+                    background=config.async_checkpoint,
                 )
-                result.checkpoint_dir = str(path)
+                pending = saved if isinstance(saved, PendingCheckpoint) else None
+                result.checkpoint_dir = str(output_dir / CHECKPOINTS_DIR / checkpoint_dir_name(step + 1))
             if callback is not None:
                 callback(record)
+        if pending is not None:
+            pending.wait()
+            pending = None
         if config.save_final:
             result.final_dir = str(save_final(model, processor, output_dir / "final", env))
     finally:
+        if pending is not None:  # stopped by an error: the last background write completes, unpublished
+            pending.abandon()
         mixture.close()
         log.close()
     return result
