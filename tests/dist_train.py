@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from flamingo_vlm.training.cli import _add_arguments, run_train_cli
 
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
