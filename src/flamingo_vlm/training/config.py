@@ -122,6 +122,11 @@ class TrainConfig:
     compile_backend: str = "inductor"
     # distribution: under torchrun, "fsdp" shards parameters (FSDP2), "ddp" replicates them
     distributed: Literal["fsdp", "ddp"] = "fsdp"
+    # "replicate": the frozen backbones stay whole on every process, outside FSDP, so only the trained
+    # parameters are all-gathered (fits when the frozen LM fits on one device); "fsdp": sharded too
+    frozen_sharding: Literal["fsdp", "replicate"] = "fsdp"
+    reduce_every_micro_step: bool = False  # reduce-scatter gradients after each micro-batch (no unsharded accumulation)
+    count_communication: bool = False  # report the bytes each step's collectives moved (comm/* in the metrics)
     device: str | None = None  # default: cuda:<local rank> if available, else cpu
     # data loading
     seed: int = 0
@@ -165,7 +170,7 @@ class TrainConfig:
             raise ValueError("log_every must be >= 1")
         checks = {
             "schedule": ("constant", "cosine"), "mixture": ("accumulate", "round_robin"), "precision": ("fp32", "bf16"),
-            "frozen_dtype": ("fp32", "bf16", None), "distributed": ("fsdp", "ddp"), "nan_policy": ("skip", "stop"),
+            "frozen_dtype": ("fp32", "bf16", None), "distributed": ("fsdp", "ddp"), "frozen_sharding": ("fsdp", "replicate"), "nan_policy": ("skip", "stop"),
         }
         for key, allowed in checks.items():
             if getattr(self, key) not in allowed:

@@ -165,10 +165,16 @@ def _vision_blocks(encoder: nn.Module) -> list[nn.Module]:
     return best
 
 
-def shard_model(model, env: DistEnv, strategy: str = "fsdp") -> None:
-    """Apply FSDP2 ``fully_shard`` to the model (see the module docstring for the units)."""
+def shard_model(model, env: DistEnv, strategy: str = "fsdp", *, frozen: str = "fsdp", precision: str = "fp32") -> None:
+    """Apply FSDP2 ``fully_shard`` to the model (see the module docstring for the units).
+
+    frozen: "fsdp" shards the frozen backbones with the rest; "replicate" leaves them out of FSDP
+    (``ignored_params``): every process holds them whole, and only the trained parameters are
+    all-gathered, instead of the whole model twice per micro-step. precision "bf16": FSDP2's
+    ``MixedPrecisionPolicy`` gathers parameters in bf16 and reduces gradients in fp32.
+    """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if strategy == "fsdp":
         mesh = init_device_mesh(env.device.type, (env.world_size,))
@@ -176,12 +182,19 @@ def shard_model(model, env: DistEnv, strategy: str = "fsdp") -> None:
         mesh = init_device_mesh(env.device.type, (env.world_size, 1), mesh_dim_names=("replicate", "shard"))
     else:
         raise ValueError(f"distributed must be 'fsdp' or 'ddp', got {strategy!r}")
-    for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh)
-    for block in _vision_blocks(model.vision_encoder):
-        fully_shard(block, mesh=mesh)
-    fully_shard(model.resampler, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    if frozen not in ("fsdp", "replicate"):
+        raise ValueError(f"frozen_sharding must be 'fsdp' or 'replicate', got {frozen!r}")
+    ignored = None
+    if frozen == "replicate":
+        ignored = {p for p in model.parameters() if not p.requires_grad}
+        model.to(env.device)  # FSDP moves what it manages; the frozen part is moved here, whole
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else MixedPrecisionPolicy()
+    kwargs = {"mesh": mesh, "mp_policy": mp, "ignored_params": ignored}
+    units = [*decoder_layers(model), *_vision_blocks(model.vision_encoder), model.resampler]
+    for unit in units:
+        if ignored is None or any(p.requires_grad for p in unit.parameters()):  # a unit of frozen weights only needs no FSDP
+            fully_shard(unit, **kwargs)
+    fully_shard(model, **kwargs)
 
 
 def set_gradient_sync(model, enabled: bool) -> None:
@@ -200,7 +213,7 @@ def prepare_model(model, config, env: DistEnv):
     if config.compile:
         apply_compile(model, config.compile_backend)
     if env.distributed:
-        shard_model(model, env, config.distributed)
+        shard_model(model, env, config.distributed, frozen=config.frozen_sharding, precision=config.precision)
     else:
         model.to(env.device)
     return model

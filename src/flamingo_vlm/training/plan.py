@@ -237,37 +237,53 @@ def micro_steps_per_step(config: TrainConfig, world_size: int) -> int:
 
 
 def estimate(model, config: TrainConfig, world_size: int) -> Estimate:
-    """Per-rank memory and communication of ``model`` (any device, meta included) under ``config``."""
-    frozen_size = BYTES[config.frozen_dtype] if config.frozen_dtype else 4
-    units = fsdp_units(model)
+    """Per-rank memory and communication of ``model`` (any device, meta included) under ``config``.
 
-    def nbytes(p) -> int:
+    Mirrors ``shard_model``: with ``frozen_sharding: replicate`` the frozen weights are outside FSDP
+    (held whole, never gathered); FSDP gathers in bf16 under ``precision: bf16`` (MixedPrecisionPolicy),
+    and reduces gradients in fp32 once per step, or after every micro-batch with ``reduce_every_micro_step``.
+    """
+    frozen_size = BYTES[config.frozen_dtype] if config.frozen_dtype else 4
+    replicate_frozen = config.frozen_sharding == "replicate"
+
+    def stored(p) -> int:
         return p.numel() * (4 if p.requires_grad else frozen_size)
 
+    def managed(p) -> bool:  # held by FSDP (sharded, gathered for compute)
+        return p.requires_grad or not replicate_frozen
+
+    def gathered(p) -> int:
+        return p.numel() * 2 if config.precision == "bf16" else stored(p)
+
+    units = [[p for p in u if managed(p)] for u in fsdp_units(model)]
+    units = [u for u in units[:-1] if any(p.requires_grad for p in u) or not replicate_frozen] + [units[-1]]
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    frozen_bytes = sum(nbytes(p) for p in model.parameters() if not p.requires_grad)
+    frozen_bytes = sum(stored(p) for p in model.parameters() if not p.requires_grad)
     micro = micro_steps_per_step(config, world_size)
     w = world_size
     ring = (w - 1) / w
+    reductions = micro if config.reduce_every_micro_step else 1
+    notes = []
     if config.distributed == "fsdp" and w > 1:
-        persistent = (frozen_bytes + trained * ADAMW_BYTES_PER_PARAM) / w
-        root_bytes = sum(nbytes(p) for p in units[-1])
-        unit_bytes = sorted((sum(nbytes(p) for p in u) for u in units[:-1]), reverse=True)
-        gathered = sum(unit_bytes[:2]) + root_bytes  # one unit computing, the next prefetched; the root stays gathered
-        unsharded_grads = trained * 4 if micro > 1 else 0  # no-sync micro-steps keep whole gradients until the last
-        all_bytes = sum(nbytes(p) for u in units for p in u)
+        frozen_held = frozen_bytes if replicate_frozen else frozen_bytes / w
+        persistent = frozen_held + trained * ADAMW_BYTES_PER_PARAM / w
+        root_bytes = sum(gathered(p) for p in units[-1])
+        unit_bytes = sorted((sum(gathered(p) for p in u) for u in units[:-1]), reverse=True)
+        transient = sum(unit_bytes[:2]) + root_bytes  # one unit computing, the next prefetched; the root stays gathered
+        if reductions == 1 and micro > 1:
+            transient += trained * 4  # no-sync micro-steps keep whole fp32 gradients until the last
         # each non-root unit: gathered in the forward and again in the backward; the root once per micro-step
-        all_gather = micro * ring * (2 * (all_bytes - root_bytes) + root_bytes)
-        reduce = ring * trained * 4
-        notes = [f"mesh {mesh_shape(config, w)}: FSDP2 over {w} processes, {len(units)} units"]
-        transient = gathered + unsharded_grads
+        all_gather = micro * ring * (2 * sum(unit_bytes) + root_bytes)
+        reduce = reductions * ring * trained * 4
+        notes.append(f"mesh {mesh_shape(config, w)}: FSDP2 over {w} processes, {len(units)} units, frozen weights "
+                     + ("whole on every process (frozen_sharding: replicate)" if replicate_frozen else "sharded"))
     else:
         persistent = frozen_bytes + trained * ADAMW_BYTES_PER_PARAM
         transient = 0.0
         all_gather = 0.0
-        reduce = 2 * ring * trained * 4
-        notes = [f"mesh {mesh_shape(config, w)}: parameters replicated on every process" if w > 1 else "one process"]
+        reduce = reductions * 2 * ring * trained * 4
+        notes.append(f"mesh {mesh_shape(config, w)}: parameters replicated on every process" if w > 1 else "one process")
     return Estimate(w, trained, frozen, persistent, transient, all_gather, reduce, micro, len(units), notes)
 
 
