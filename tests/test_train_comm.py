@@ -27,6 +27,7 @@ RUNS = {
     "sharded": [],
     "replicated": ["frozen_sharding=replicate"],
     "replicated-rs": ["frozen_sharding=replicate", "reduce_every_micro_step=true"],
+    "replicated-bf16": ["frozen_sharding=replicate", "precision=bf16"],
 }
 
 
@@ -73,20 +74,23 @@ def test_a_replicated_frozen_lm_is_not_gathered(tmp_path):
 
     runs = {name: metrics(tmp_path / name) for name in RUNS}
     losses = {name: [x["loss"] for x in lines] for name, lines in runs.items()}
-    for name in RUNS:
+    for name in ("replicated", "replicated-rs"):
         assert losses[name] == pytest.approx(losses["sharded"], abs=1e-4), name
+    assert losses["replicated-bf16"] == pytest.approx(losses["sharded"], abs=5e-2)  # bf16 compute
     gathered = {name: [x["comm/all_gather_bytes"] for x in lines] for name, lines in runs.items()}
     assert all(g > 0 for g in gathered["replicated"])
     assert min(gathered["sharded"]) >= 4 * max(gathered["replicated"]), gathered
     # every micro-step reduce-scatters: 3 reductions per step (2 pairs + 1 docs micro-batch) instead of 1
     rs = {name: runs[name][0]["comm/reduce_scatter_bytes"] for name in RUNS}
     assert rs["replicated-rs"] == pytest.approx(3 * rs["replicated"], rel=0.01), rs
+    # MixedPrecisionPolicy: parameters gathered in bf16 (half the bytes), gradients reduced in fp32
+    assert gathered["replicated-bf16"][0] == pytest.approx(gathered["replicated"][0] / 2, rel=0.01)
+    assert rs["replicated-bf16"] == rs["replicated"]
 
     # the dry run's arithmetic predicts the counts (FSDP2 pads shards, hence the tolerance)
     model, _ = build_model(load_train_config(path))
     for name, overrides in RUNS.items():
         est = plan.estimate(model, load_train_config(path, overrides), 2)
-        assert gathered[name][0] == pytest.approx(est.all_gather_bytes * 2, rel=0.1), (
-            name
-        )  # counted: the whole gathered tensor
+        # counted: the whole gathered tensor; estimated: what each rank receives, (W - 1) / W of it
+        assert gathered[name][0] == pytest.approx(est.all_gather_bytes * 2, rel=0.1), name
         assert rs[name] == pytest.approx(est.reduce_bytes * 2, rel=0.1), name
