@@ -28,6 +28,7 @@ RUNS = {
     "replicated": ["frozen_sharding=replicate"],
     "replicated-rs": ["frozen_sharding=replicate", "reduce_every_micro_step=true"],
     "replicated-bf16": ["frozen_sharding=replicate", "precision=bf16"],
+    "sharded-construction": ["sharded_construction=true"],  # built on meta, backbones read by slices
 }
 
 
@@ -74,7 +75,7 @@ def test_a_replicated_frozen_lm_is_not_gathered(tmp_path):
 
     runs = {name: metrics(tmp_path / name) for name in RUNS}
     losses = {name: [x["loss"] for x in lines] for name, lines in runs.items()}
-    for name in ("replicated", "replicated-rs"):
+    for name in ("replicated", "replicated-rs", "sharded-construction"):
         assert losses[name] == pytest.approx(losses["sharded"], abs=1e-4), name
     assert losses["replicated-bf16"] == pytest.approx(losses["sharded"], abs=5e-2)  # bf16 compute
     gathered = {name: [x["comm/all_gather_bytes"] for x in lines] for name, lines in runs.items()}
@@ -85,6 +86,7 @@ def test_a_replicated_frozen_lm_is_not_gathered(tmp_path):
     assert rs["replicated-rs"] == pytest.approx(3 * rs["replicated"], rel=0.01), rs
     # MixedPrecisionPolicy: parameters gathered in bf16 (half the bytes), gradients reduced in fp32
     assert gathered["replicated-bf16"][0] == pytest.approx(gathered["replicated"][0] / 2, rel=0.01)
+    assert gathered["sharded-construction"] == gathered["sharded"]
     assert rs["replicated-bf16"] == rs["replicated"]
 
     # the dry run's arithmetic predicts the counts (FSDP2 pads shards, hence the tolerance)

@@ -13,10 +13,17 @@ import sys
 
 def build_model(config):
     """(model, processor) for a TrainConfig: a new bridge on ``lm`` + ``vision`` (seeded by ``seed``, so
-    every process builds the same one), or the bridge saved in ``init_from``."""
+    every process builds the same one), or the bridge saved in ``init_from``. With
+    ``sharded_construction``, built already sharded over the torchrun processes (see ``construct``)."""
     import torch
 
     from .. import build_flamingo, load_flamingo
+
+    if config.sharded_construction:
+        from .construct import build_sharded_model
+        from .distributed import init_distributed
+
+        return build_sharded_model(config, init_distributed(config.device))
 
     torch.manual_seed(config.seed)
     if config.init_from:

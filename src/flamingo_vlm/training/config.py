@@ -125,6 +125,9 @@ class TrainConfig:
     # "replicate": the frozen backbones stay whole on every process, outside FSDP, so only the trained
     # parameters are all-gathered (fits when the frozen LM fits on one device); "fsdp": sharded too
     frozen_sharding: Literal["fsdp", "replicate"] = "fsdp"
+    # build on the meta device and load only this process's slices of the backbones' safetensors
+    # (flamingo_vlm.training.construct); a new bridge on `lm` + `vision` (transformers models) only
+    sharded_construction: bool = False
     reduce_every_micro_step: bool = False  # reduce-scatter gradients after each micro-batch (no unsharded accumulation)
     count_communication: bool = False  # report the bytes each step's collectives moved (comm/* in the metrics)
     device: str | None = None  # default: cuda:<local rank> if available, else cpu

@@ -187,7 +187,8 @@ def shard_model(model, env: DistEnv, strategy: str = "fsdp", *, frozen: str = "f
     ignored = None
     if frozen == "replicate":
         ignored = {p for p in model.parameters() if not p.requires_grad}
-        model.to(env.device)  # FSDP moves what it manages; the frozen part is moved here, whole
+        if not any(p.is_meta for p in model.parameters()):  # (a meta model is materialised by its builder)
+            model.to(env.device)  # FSDP moves what it manages; the frozen part is moved here, whole
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else MixedPrecisionPolicy()
     kwargs = {"mesh": mesh, "mp_policy": mp, "ignored_params": ignored}
     units = [*decoder_layers(model), *_vision_blocks(model.vision_encoder), model.resampler]
@@ -205,7 +206,10 @@ def set_gradient_sync(model, enabled: bool) -> None:
 
 
 def prepare_model(model, config, env: DistEnv):
-    """Frozen dtype, activation checkpointing, compile, then FSDP2 (several processes) or a device move."""
+    """Frozen dtype, activation checkpointing, compile, then FSDP2 (several processes) or a device move
+    (nothing for a model ``build_sharded_model`` already built that way)."""
+    if getattr(model, "_flamingo_prepared", False):
+        return model
     if config.frozen_dtype is not None:
         cast_frozen(model, DTYPES[config.frozen_dtype])
     if config.gradient_checkpointing:

@@ -162,11 +162,12 @@ def _meta_vision(config: TrainConfig, vision: str):
     return model
 
 
-def build_meta_model(config: TrainConfig):
+def build_meta_model(config: TrainConfig, *, with_processor: bool = False, bridge_device: str = "meta"):
     """The FlamingoModel the config describes, on the meta device (shapes, no storage, no weights read).
 
     Only the backbones' configs and the tokenizer are read. With ``init_from``, the backbones default to
-    the ones that model was saved with."""
+    the ones that model was saved with. ``bridge_device="cpu"``: the resampler and xattn blocks are built
+    (and initialised) on the CPU, the backbones still on meta. ``with_processor``: (model, processor)."""
     import torch
 
     from ..builder import build_flamingo
@@ -180,8 +181,9 @@ def build_meta_model(config: TrainConfig):
     with torch.device("meta"):
         lm_model = _meta_lm(config, lm)
         encoder = _meta_vision(config, vision)
-        model, _ = build_flamingo(lm_model, encoder, config.tokenizer or lm, **config.flamingo)
-    return model
+    with torch.device(bridge_device):
+        model, processor = build_flamingo(lm_model, encoder, config.tokenizer or lm, **config.flamingo)
+    return (model, processor) if with_processor else model
 
 
 # ---- what one rank holds and sends ------------------------------------------------------------------
