@@ -35,8 +35,8 @@ _WRAPPER_SEGMENTS = ("decoder_layer", "base")
 
 
 class SafetensorsIndex:
-    """Tensor name -> file of a checkpoint directory (``model.safetensors`` or a sharded index), with
-    files opened lazily and read by slices."""
+    """Tensor name -> file of a checkpoint directory (``model.safetensors`` or a sharded index), read by
+    slices of rows."""
 
     def __init__(self, directory: str | os.PathLike) -> None:
         directory = Path(directory)
@@ -53,7 +53,6 @@ class SafetensorsIndex:
                     self.files.update(dict.fromkeys(f.keys(), str(path)))
         if not self.files:
             raise FileNotFoundError(f"no safetensors weights in {directory}: sharded construction reads them by slices")
-        self._open: dict[str, Any] = {}
 
     def __contains__(self, key: str) -> bool:
         return key in self.files
@@ -62,16 +61,12 @@ class SafetensorsIndex:
         """Rows ``start:stop`` of tensor ``key`` (the whole tensor without them), read from disk."""
         from safetensors import safe_open
 
-        path = self.files[key]
-        if path not in self._open:
-            self._open[path] = safe_open(path, framework="pt")
-        view = self._open[path].get_slice(key)
-        if start is None or not view.get_shape():
-            return view[:]
-        return view[start:stop]
-
-    def close(self) -> None:
-        self._open.clear()
+        # opened for each read: safe_open maps the file, and the pages a mapping has touched count as this
+        # process's resident memory until it is closed (kept open, they would add up to its whole share)
+        with safe_open(self.files[key], framework="pt") as f:
+            view = f.get_slice(key)
+            rows = view[:] if start is None or not view.get_shape() else view[start:stop]
+            return rows.clone()
 
 
 def _resolve(name_or_path: str) -> str:
@@ -207,8 +202,6 @@ def build_sharded_model(config: TrainConfig, env: DistEnv):
         _load_backbone(model.lm, lm_index, lm_prefixes, trained | bridge_buffers)
         _load_backbone(model.vision_encoder.model, vision_index, ("vision_model",), trained)
         _init_new_token_rows(model, lm_index, lm_prefixes)
-        lm_index.close()
-        vision_index.close()
         text_config = model.lm.config.get_text_config()
         recompute_buffers(model.lm, text_config, env.device)
         recompute_buffers(model.vision_encoder.model, model.vision_encoder.model.config, env.device)
