@@ -232,3 +232,24 @@ def test_meta_build_has_the_real_builds_parameters(tmp_path):
     est = plan.estimate(meta, cfg, 2)
     assert est.trained_params == sum(p.numel() for p in real.parameters() if p.requires_grad)
     assert est.trained_params + est.frozen_params == sum(p.numel() for p in real.parameters())
+
+
+class FakeEnv:
+    """Two processes, of which process 1 does not see rank 0's files (another node's local disk)."""
+
+    distributed, is_main, rank, world_size = True, True, 0, 2
+
+    def broadcast_object(self, obj):
+        return obj
+
+    def barrier(self):
+        pass
+
+    def gather_objects(self, obj):
+        return [obj, False]
+
+
+def test_an_output_dir_that_is_not_shared_fails_at_the_start(tmp_path):
+    with pytest.raises(ValueError, match=r"is not shared: process\(es\) \[1\] do not see what rank 0 wrote"):
+        plan.check_shared_output_dir(tmp_path, FakeEnv())
+    assert list(tmp_path.iterdir()) == []  # the token file is removed

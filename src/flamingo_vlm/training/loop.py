@@ -36,7 +36,7 @@ from .config import TrainConfig, load_train_config
 from .distributed import DistEnv, autocast_context, full_tensor, init_distributed, prepare_model, set_gradient_sync
 from .metrics import MetricsLogger
 from .optim import build_optimizer, build_scheduler
-from .plan import check_launch
+from .plan import check_launch, check_shared_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +195,7 @@ def train(
     output_dir = Path(config.output_dir)
     if env.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
+    check_shared_output_dir(output_dir, env)
     found = resolve_resume(config) if env.is_main else None
     resume_from = env.broadcast_object(str(found) if found else None)  # one decision for every process
 

@@ -132,6 +132,28 @@ def check_launch(config: TrainConfig, world_size: int) -> list[str]:
     return lines
 
 
+def check_shared_output_dir(output_dir: str | os.PathLike, env) -> None:
+    """Every process sees the directory rank 0 created (checkpoints are written by all of them into one
+    directory): rank 0 writes a token there, every process reads it back; all fail together otherwise,
+    at the start instead of at the first checkpoint."""
+    if not env.distributed:
+        return
+    import secrets
+
+    path = Path(output_dir) / f".shared-check-{env.broadcast_object(secrets.token_hex(8))}"
+    if env.is_main:
+        path.write_text("shared")
+    env.barrier()
+    seen = env.gather_objects(path.is_file())
+    env.barrier()
+    if env.is_main:
+        path.unlink(missing_ok=True)
+    missing = [rank for rank, ok in enumerate(seen) if not ok]
+    if missing:
+        raise ValueError(f"output_dir {str(output_dir)!r} is not shared: process(es) {missing} do not see what rank 0 wrote there; "
+                         "put it on a filesystem every node mounts")
+
+
 # ---- the model on the meta device ------------------------------------------------------------------
 def _meta_lm(config: TrainConfig, name: str):
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -301,5 +323,6 @@ def dry_run(config: TrainConfig, world_size: int, print_fn=print) -> Estimate:
     return result
 
 
-__all__ = ["Estimate", "build_meta_model", "check_launch", "check_output_dir", "dry_run", "estimate", "world_size_from_env"]
+__all__ = ["Estimate", "build_meta_model", "check_launch", "check_output_dir", "check_shared_output_dir", "dry_run", "estimate",
+           "world_size_from_env"]
 
