@@ -35,6 +35,25 @@ def build_model(config):
                           vision_kwargs=config.vision_kwargs or None, **config.flamingo)
 
 
+def prefetch_backbones(config) -> None:
+    """Fetch the hub backbones (and tokenizer) the config names into the local Hugging Face cache; local
+    paths, open_clip and timm names are left to their loaders."""
+    import os
+
+    names = [config.lm, config.tokenizer]
+    if config.flamingo.get("vision_type") in (None, "clip", "siglip"):
+        names.append(config.vision)
+    names = [n for n in dict.fromkeys(names) if n and not os.path.exists(os.path.expanduser(str(n)))]
+    if not names:
+        return
+    from huggingface_hub import snapshot_download
+
+    revision = (config.lm_kwargs or {}).get("revision")
+    for name in names:
+        snapshot_download(name, revision=revision if name == config.lm else None,
+                          allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"])
+
+
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``train`` command to a ``flamingo`` argparse subparsers object."""
     p = subparsers.add_parser("train", help="train a Flamingo bridge on a dataset mixture from a YAML config (see docs/training.md)")
@@ -65,6 +84,7 @@ def run_train_cli(args: argparse.Namespace) -> int:
 
     from .config import load_train_config
     from .loop import train
+    from .distributed import init_distributed
     from .plan import check_launch, dry_run, world_size_from_env
 
     overrides = list(args.overrides or []) + list(getattr(args, "set_overrides", None) or [])
@@ -84,6 +104,10 @@ def run_train_cli(args: argparse.Namespace) -> int:
     check_launch(config, world_size)  # before anything is downloaded or built
     owns_process_group = not dist.is_initialized()  # train() joins torchrun's group; this command ends it
     try:
+        env = init_distributed(config.device)  # the group exists before anything is fetched
+        if env.local_rank == 0:
+            prefetch_backbones(config)  # one download per node; the other processes then read the cache
+        env.barrier()
         model, processor = build_model(config)
         result = train(model, processor, config, progress=not args.no_progress)
         if not dist.is_initialized() or dist.get_rank() == 0:
