@@ -115,14 +115,9 @@ def check_launch(config: TrainConfig, world_size: int) -> list[str]:
             continue
         per_rank = d.batch_size // world_size
         micro = min(d.micro_batch_size or per_rank, per_rank)
-        if per_rank % micro:
-            problems.append(
-                f"dataset {d.name!r}: micro_batch_size={d.micro_batch_size} does not divide the {per_rank} samples each of the "
-                f"{world_size} processes takes (batch_size={d.batch_size})"
-            )
-            continue
+        count = -(-per_rank // micro)  # every process runs as many (the last one may be smaller)
         lines.append(f"{d.name}: global batch {d.batch_size} = {world_size} processes x {per_rank} "
-                     f"({per_rank // micro} micro-batches of {micro}), {n} lanes")
+                     f"({count} micro-batches of up to {micro}), {n} lanes")
     shape = mesh_shape(config, world_size)
     if math.prod(shape) != world_size:
         problems.append(f"the device mesh {shape} does not hold {world_size} processes")
