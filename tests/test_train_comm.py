@@ -29,6 +29,7 @@ RUNS = {
     "replicated-rs": ["frozen_sharding=replicate", "reduce_every_micro_step=true"],
     "replicated-bf16": ["frozen_sharding=replicate", "precision=bf16"],
     "sharded-construction": ["sharded_construction=true"],  # built on meta, backbones read by slices
+    "hsdp": ["distributed=hsdp", "shard_size=1", "frozen_sharding=replicate"],  # a (2, 1) mesh: 2 replicas of 1 shard
 }
 
 
@@ -75,7 +76,7 @@ def test_a_replicated_frozen_lm_is_not_gathered(tmp_path):
 
     runs = {name: metrics(tmp_path / name) for name in RUNS}
     losses = {name: [x["loss"] for x in lines] for name, lines in runs.items()}
-    for name in ("replicated", "replicated-rs", "sharded-construction"):
+    for name in ("replicated", "replicated-rs", "sharded-construction", "hsdp"):
         assert losses[name] == pytest.approx(losses["sharded"], abs=1e-4), name
     assert losses["replicated-bf16"] == pytest.approx(losses["sharded"], abs=5e-2)  # bf16 compute
     gathered = {name: [x["comm/all_gather_bytes"] for x in lines] for name, lines in runs.items()}
@@ -92,6 +93,10 @@ def test_a_replicated_frozen_lm_is_not_gathered(tmp_path):
     # the dry run's arithmetic predicts the counts (FSDP2 pads shards, hence the tolerance)
     model, _ = build_model(load_train_config(path))
     for name, overrides in RUNS.items():
+        if name == "hsdp":
+            est = plan.estimate(model, load_train_config(path, overrides), 2)
+            assert est.all_gather_bytes == 0 and runs[name][0]["comm/all_reduce_bytes"] > 0  # replicas all-reduce
+            continue
         est = plan.estimate(model, load_train_config(path, overrides), 2)
         # counted: the whole gathered tensor; estimated: what each rank receives, (W - 1) / W of it
         assert gathered[name][0] == pytest.approx(est.all_gather_bytes * 2, rel=0.1), name

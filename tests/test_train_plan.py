@@ -153,6 +153,11 @@ BASE = {
         ([], 3, r"dataset 'docs': batch_size=8 \(global\) is not divisible by the 3 processes"),
         ([], 8, r"dataset 'pairs': lanes=4 must be a multiple of the number of processes \(8\)"),
         (
+            ["distributed=hsdp", "shard_size=8"],
+            4,
+            r"hsdp with shard_size=8 needs a world size that is a multiple of it, got 4",
+        ),
+        (
             ["datasets.1.lanes=3"],
             1,
             r"lanes=3 must be a multiple of the number of processes \(1\) and divide batch_size=16",

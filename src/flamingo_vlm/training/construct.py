@@ -187,7 +187,8 @@ def build_sharded_model(config: TrainConfig, env: DistEnv):
     if config.compile:
         apply_compile(model, config.compile_backend)
     if env.distributed:
-        shard_model(model, env, config.distributed, frozen=config.frozen_sharding, precision=config.precision)
+        shard_model(model, env, config.distributed, frozen=config.frozen_sharding, precision=config.precision,
+                    shard_size=config.shard_size)
     model.to_empty(device=env.device)
     with torch.no_grad():
         tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}

@@ -165,7 +165,22 @@ def _vision_blocks(encoder: nn.Module) -> list[nn.Module]:
     return best
 
 
-def shard_model(model, env: DistEnv, strategy: str = "fsdp", *, frozen: str = "fsdp", precision: str = "fp32") -> None:
+def device_mesh_shape(strategy: str, world_size: int, shard_size: int | None = None) -> tuple[int, ...]:
+    """The mesh each strategy shards over: (world,) for FSDP; (replicas, shard) for DDP (shards of one)
+    and HSDP (shards of ``shard_size`` processes). ValueError if the processes do not fill it."""
+    if strategy == "fsdp":
+        return (world_size,)
+    if strategy == "ddp":
+        return (world_size, 1)
+    if strategy == "hsdp":
+        if not shard_size or world_size % shard_size:
+            raise ValueError(f"distributed: hsdp with shard_size={shard_size} needs a world size that is a multiple of it, got {world_size}")
+        return (world_size // shard_size, shard_size)
+    raise ValueError(f"distributed must be 'fsdp', 'ddp' or 'hsdp', got {strategy!r}")
+
+
+def shard_model(model, env: DistEnv, strategy: str = "fsdp", *, frozen: str = "fsdp", precision: str = "fp32",
+                shard_size: int | None = None) -> None:
     """Apply FSDP2 ``fully_shard`` to the model (see the module docstring for the units).
 
     frozen: "fsdp" shards the frozen backbones with the rest; "replicate" leaves them out of FSDP
@@ -176,12 +191,9 @@ def shard_model(model, env: DistEnv, strategy: str = "fsdp", *, frozen: str = "f
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if strategy == "fsdp":
-        mesh = init_device_mesh(env.device.type, (env.world_size,))
-    elif strategy == "ddp":  # HSDP with shards of one: every parameter replicated, gradients all-reduced
-        mesh = init_device_mesh(env.device.type, (env.world_size, 1), mesh_dim_names=("replicate", "shard"))
-    else:
-        raise ValueError(f"distributed must be 'fsdp' or 'ddp', got {strategy!r}")
+    shape = device_mesh_shape(strategy, env.world_size, shard_size)
+    # ddp is HSDP with shards of one: every parameter replicated, gradients all-reduced
+    mesh = init_device_mesh(env.device.type, shape, mesh_dim_names=("replicate", "shard") if len(shape) == 2 else None)
     if frozen not in ("fsdp", "replicate"):
         raise ValueError(f"frozen_sharding must be 'fsdp' or 'replicate', got {frozen!r}")
     ignored = None
@@ -217,7 +229,8 @@ def prepare_model(model, config, env: DistEnv):
     if config.compile:
         apply_compile(model, config.compile_backend)
     if env.distributed:
-        shard_model(model, env, config.distributed, frozen=config.frozen_sharding, precision=config.precision)
+        shard_model(model, env, config.distributed, frozen=config.frozen_sharding, precision=config.precision,
+                    shard_size=config.shard_size)
     else:
         model.to(env.device)
     return model

@@ -20,7 +20,6 @@ optimizer step under the configured sharding. The numbers are arithmetic on the 
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from ..data.stream import check_lanes, default_lanes
 from .checkpoint import CHECKPOINTS_DIR
 from ..config import CONFIG_NAME
 from .config import TrainConfig
+from .distributed import device_mesh_shape
 
 GIB = 1024**3
 BYTES = {"fp32": 4, "bf16": 2}
@@ -56,8 +56,8 @@ def dataset_lanes(config: TrainConfig, world_size: int) -> dict[str, int]:
 
 
 def mesh_shape(config: TrainConfig, world_size: int) -> tuple[int, ...]:
-    """The device mesh ``shard_model`` will build: (world,) for FSDP, (world, 1) replicate x shard for DDP."""
-    return (world_size,) if config.distributed == "fsdp" else (world_size, 1)
+    """The device mesh ``shard_model`` will build (see ``distributed.device_mesh_shape``)."""
+    return device_mesh_shape(config.distributed, world_size, config.shard_size)
 
 
 def _saved_lanes(config: TrainConfig) -> tuple[str | None, dict[str, int]]:
@@ -118,9 +118,10 @@ def check_launch(config: TrainConfig, world_size: int) -> list[str]:
         count = -(-per_rank // micro)  # every process runs as many (the last one may be smaller)
         lines.append(f"{d.name}: global batch {d.batch_size} = {world_size} processes x {per_rank} "
                      f"({count} micro-batches of up to {micro}), {n} lanes")
-    shape = mesh_shape(config, world_size)
-    if math.prod(shape) != world_size:
-        problems.append(f"the device mesh {shape} does not hold {world_size} processes")
+    try:
+        mesh_shape(config, world_size)
+    except ValueError as e:
+        problems.append(str(e))
     problems += check_output_dir(config)
     if problems:
         raise ValueError(f"this config cannot run on {world_size} process(es):\n  - " + "\n  - ".join(problems))
@@ -280,11 +281,12 @@ def estimate(model, config: TrainConfig, world_size: int) -> Estimate:
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     frozen_bytes = sum(stored(p) for p in model.parameters() if not p.requires_grad)
     micro = micro_steps_per_step(config, world_size)
-    w = world_size
+    shape = mesh_shape(config, world_size) if world_size > 1 else (1,)
+    w, replicas = shape[-1], (shape[0] if len(shape) == 2 else 1)  # w: processes a parameter is sharded over
     ring = (w - 1) / w
     reductions = micro if config.reduce_every_micro_step else 1
     notes = []
-    if config.distributed == "fsdp" and w > 1:
+    if w > 1:
         frozen_held = frozen_bytes if replicate_frozen else frozen_bytes / w
         persistent = frozen_held + trained * ADAMW_BYTES_PER_PARAM / w
         root_bytes = sum(gathered(p) for p in units[-1])
@@ -294,16 +296,18 @@ def estimate(model, config: TrainConfig, world_size: int) -> Estimate:
             transient += trained * 4  # no-sync micro-steps keep whole fp32 gradients until the last
         # each non-root unit: gathered in the forward and again in the backward; the root once per micro-step
         all_gather = micro * ring * (2 * sum(unit_bytes) + root_bytes)
-        reduce = reductions * ring * trained * 4
-        notes.append(f"mesh {mesh_shape(config, w)}: FSDP2 over {w} processes, {len(units)} units, frozen weights "
+        # reduce-scatter within the shard group, then (HSDP) all-reduce of the shards across the replicas
+        reduce = reductions * trained * 4 * (ring + 2 * (replicas - 1) / replicas / w)
+        notes.append(f"mesh {shape}: FSDP2 shards over {w} processes" + (f" x {replicas} replicas" if replicas > 1 else "")
+                     + f", {len(units)} units, frozen weights "
                      + ("whole on every process (frozen_sharding: replicate)" if replicate_frozen else "sharded"))
     else:
         persistent = frozen_bytes + trained * ADAMW_BYTES_PER_PARAM
         transient = 0.0
         all_gather = 0.0
-        reduce = reductions * 2 * ring * trained * 4
-        notes.append(f"mesh {mesh_shape(config, w)}: parameters replicated on every process" if w > 1 else "one process")
-    return Estimate(w, trained, frozen, persistent, transient, all_gather, reduce, micro, len(units), notes)
+        reduce = reductions * 2 * (replicas - 1) / replicas * trained * 4
+        notes.append(f"mesh {shape}: parameters replicated on every process" if replicas > 1 else "one process")
+    return Estimate(world_size, trained, frozen, persistent, transient, all_gather, reduce, micro, len(units), notes)
 
 
 def dry_run(config: TrainConfig, world_size: int, print_fn=print) -> Estimate:
