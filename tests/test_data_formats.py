@@ -290,7 +290,9 @@ def test_obelics_parquet_embedded_bytes_and_image_directory(tmp_path, layout, pr
     img_dir = tmp_path / "imgs"
     img_dir.mkdir()
     blue.save(img_dir / "blue.png")
-    red.save(img_dir / "pic.png")
+    (img_dir / "00000").mkdir()  # the URL's image as img2dataset fetches it: named by key, the URL in the .json
+    red.save(img_dir / "00000" / "000000000.png")
+    (img_dir / "00000" / "000000000.json").write_text(json.dumps({"url": "https://example.com/a/pic.png?x=1", "key": "000000000", "status": "success"}))
     by_path = pa.table({
         "images": [["blue.png", None, "https://example.com/a/pic.png?x=1", None, "missing.png", None]],
         "texts": [[None, "about blue", None, "about the pic", None, "end"]],

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
 from dataclasses import dataclass
 
 from PIL import Image
@@ -63,20 +62,3 @@ def read_file(path: str) -> bytes:
         raise SkipSample("missing_file", path) from e
     except OSError as e:
         raise SkipSample("missing_file", f"{path}: {e}") from e
-
-
-def find_image_file(name: str, image_dir: str | None) -> str:
-    """A document's image name -> a local file: an existing path, ``image_dir/name``, or ``image_dir/``
-    + the last path component of a URL. SkipSample("missing_file") if none exists."""
-    candidates = []
-    if os.path.isabs(name):
-        candidates.append(name)
-    if image_dir:
-        candidates.append(os.path.join(image_dir, name))
-        base = name.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
-        if base and base != name:
-            candidates.append(os.path.join(image_dir, base))
-    for path in candidates:
-        if os.path.isfile(path):
-            return path
-    raise SkipSample("missing_file", f"{name} (image_dir={image_dir})")

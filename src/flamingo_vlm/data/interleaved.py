@@ -27,7 +27,8 @@ import torch
 from PIL import Image
 
 from ..processing.images import ImageTransform
-from .images import ImageFilter, b64_bytes, decode_image, find_image_file, open_image, read_file
+from .image_files import UrlIndex, find_in_dirs, is_url, shard_image_dirs
+from .images import ImageFilter, b64_bytes, decode_image, open_image, read_file
 from .samples import Sample, SkipSample
 from .sources import JsonlSource, ParquetSource, TarSource
 from .text import TokenLayout
@@ -174,17 +175,20 @@ class MMC4Format(_DocumentFormat):
 
     - the webdataset repack: tar shards of ``{key}.json`` records;
     - the original release: ``.jsonl`` files (or ``.jsonl.gz``, or ``.zip`` holding one), one document
-      a line, images in ``image_dir`` under their ``image_name``.
+      a line, images as the download script leaves them: shard ``docs_no_face_shard_{i}_v3.jsonl.zip``'s
+      in ``docs_no_face_shard_{i}_v3_images/`` (beside the shard or under ``image_dir``), or all in
+      ``image_dir`` (see :mod:`flamingo_vlm.data.image_files`).
 
     A document::
 
         {"text_list": ["sentence 0", "sentence 1", ...],
          "image_info": [{"image_name": "a.jpg", "matched_text_index": 1, "matched_sim": 0.31,
-                         "image_base64": "..."  (repack; else the file image_dir/image_name)}, ...]}
+                         "image_base64": "..."  (repack; else the image file image_name)}, ...]}
 
-    Each image goes in front of its matched sentence; when several images match one sentence the most
-    similar one is kept. Images below ``min_similarity`` or failing the size/aspect filter are dropped;
-    a document left without images is skipped (``no_images``).
+    Each image goes in front of its matched sentence. When several images match one sentence, the most
+    similar one that opens is kept: they are tried in order of similarity, so a failed download of the
+    best one falls back to the next. Images below ``min_similarity`` or failing the size/aspect filter
+    are dropped; a document left without images is skipped (``no_images``).
     """
 
     def __init__(self, layout, transform, *, min_similarity: float = 0.24, jsonl: bool = False, **kwargs: Any) -> None:
@@ -192,6 +196,12 @@ class MMC4Format(_DocumentFormat):
         self.min_similarity = min_similarity
         self.source = JsonlSource() if jsonl else TarSource()
         self.source_extensions = self.source.extensions
+        self._dirs: dict[str, list[str]] = {}  # shard -> its image folders (looked up once per shard)
+
+    def _image_dirs(self, shard: str) -> list[str]:
+        if shard not in self._dirs:
+            self._dirs[shard] = shard_image_dirs(shard, self.image_dir)
+        return self._dirs[shard]
 
     def decode(self, record: dict, rng: np.random.Generator) -> Sample:
         key = f"{record['__url__']}#{record['__key__']}"
@@ -206,8 +216,8 @@ class MMC4Format(_DocumentFormat):
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise SkipSample("bad_record", f"{key}: {e}") from e
         dropped: dict[str, int] = {}
-        best: dict[int, tuple[float, dict]] = {}  # sentence -> (similarity, image info)
-        for info in infos:
+        candidates: dict[int, list[tuple[float, int, dict]]] = {}  # sentence -> (similarity, order, image info)
+        for order, info in enumerate(infos):
             index = info.get("matched_text_index") if isinstance(info, dict) else None
             if not isinstance(index, int) or not 0 <= index < len(texts):
                 dropped["bad_record"] = dropped.get("bad_record", 0) + 1
@@ -216,21 +226,18 @@ class MMC4Format(_DocumentFormat):
             if sim < self.min_similarity:
                 dropped["filtered_image"] = dropped.get("filtered_image", 0) + 1
                 continue
-            if index in best:
-                dropped["filtered_image"] = dropped.get("filtered_image", 0) + 1
-                if sim <= best[index][0]:
-                    continue
-            best[index] = (sim, info)
+            candidates.setdefault(index, []).append((-sim, order, info))
         images: dict[int, DocImage] = {}
-        for index, (_, info) in sorted(best.items()):
-            name = str(info.get("image_name", ""))
-            if info.get("image_base64"):
-                load = lambda info=info: b64_bytes(info["image_base64"])  # noqa: E731
-            else:
-                load = lambda name=name: read_file(find_image_file(name, self.image_dir))  # noqa: E731
-            opened = self._open(load, name, dropped)
-            if opened is not None:
-                images[index] = opened
+        for index, found in sorted(candidates.items()):
+            found.sort(key=lambda c: (c[0], c[1]))  # most similar first; ties in document order
+            for tried, (_, _, info) in enumerate(found):
+                opened = self._open(self._load(info, record["__url__"]), str(info.get("image_name", "")), dropped)
+                if opened is not None:
+                    images[index] = opened
+                    untried = len(found) - tried - 1  # less similar images of this sentence: not used
+                    if untried:
+                        dropped["filtered_image"] = dropped.get("filtered_image", 0) + untried
+                    break
         items: list[DocItem] = []
         for index, text in enumerate(texts):
             if index in images:
@@ -239,14 +246,21 @@ class MMC4Format(_DocumentFormat):
                 items.append(text)
         return self._finish(items, dropped, rng, key)
 
+    def _load(self, info: dict, shard: str) -> Callable[[], bytes]:
+        if info.get("image_base64"):
+            return lambda: b64_bytes(info["image_base64"])
+        name = str(info.get("image_name", ""))
+        return lambda: read_file(find_in_dirs(name, self._image_dirs(shard)))
+
 
 class ObelicsFormat(_DocumentFormat):
     """OBELICS documents (Laurençon et al., 2023): parquet rows with aligned lists ``images`` and
     ``texts``, exactly one of them non-null at each position (the document in reading order).
 
     An image entry is embedded bytes (``binary``, or a ``{"bytes": ..., "path": ...}`` struct as the
-    Hugging Face ``Image`` feature stores it) or a string: a local path, a path under ``image_dir``, or a
-    URL whose file name is looked up in ``image_dir`` (missing files are skipped and counted).
+    Hugging Face ``Image`` feature stores it) or a string: a local path, a path under ``image_dir``, or
+    (as OBELICS ships) a URL, found through the img2dataset output in ``image_dir`` by the whole URL
+    (:class:`~flamingo_vlm.data.image_files.UrlIndex`). Missing files are skipped and counted.
     """
 
     def __init__(self, layout, transform, *, image_column: str = "images", text_column: str = "texts", **kwargs: Any) -> None:
@@ -254,6 +268,7 @@ class ObelicsFormat(_DocumentFormat):
         self.image_column, self.text_column = image_column, text_column
         self.source = ParquetSource([image_column, text_column])
         self.source_extensions = self.source.extensions
+        self.urls = UrlIndex(self.image_dir) if self.image_dir else None
 
     def _loader(self, entry: Any) -> tuple[Callable[[], bytes], str]:
         if isinstance(entry, (bytes, bytearray)):
@@ -263,7 +278,11 @@ class ObelicsFormat(_DocumentFormat):
                 return (lambda: bytes(entry["bytes"])), str(entry.get("path") or "")
             entry = entry.get("path")
         if isinstance(entry, str) and entry:
-            return (lambda: read_file(find_image_file(entry, self.image_dir))), entry
+            if is_url(entry):
+                if self.urls is None:
+                    raise SkipSample("missing_file", f"{entry}: images named by URL need image_dir (an img2dataset output folder)")
+                return (lambda: read_file(self.urls.find(entry))), entry
+            return (lambda: read_file(find_in_dirs(entry, [self.image_dir] if self.image_dir else []))), entry
         raise SkipSample("bad_record", f"unreadable image entry {type(entry).__name__}")
 
     def decode(self, record: dict, rng: np.random.Generator) -> Sample:

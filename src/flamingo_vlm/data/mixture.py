@@ -22,6 +22,7 @@ from .text import TokenLayout
 from .video import VideoFormat
 
 FORMATS = ("pairs", "mmc4", "obelics", "video")
+OBELICS_OPT_OUT_DIRS = ("opt_out_docs_removed*",)
 DEFAULT_MAX_TOKENS = {"pairs": 32, "video": 32, "mmc4": 256, "obelics": 256}  # the paper's M3W window: 256
 
 
@@ -32,7 +33,9 @@ def dataset_shards(cfg: Any, data_root: str | None = None) -> list[str]:
         extensions = TarSource.extensions + JsonlSource.extensions
     else:
         extensions = TarSource.extensions
-    shards = expand_paths(cfg.paths, extensions, data_root)
+    # an OBELICS snapshot's root holds data/ and the opt-out versions beside it: one copy of the set is read
+    exclude = OBELICS_OPT_OUT_DIRS if cfg.format == "obelics" else ()
+    shards = expand_paths(cfg.paths, extensions, data_root, exclude_dirs=exclude)
     if not shards:
         raise ValueError(f"dataset {cfg.name!r}: no files match paths {list(cfg.paths)}")
     return shards

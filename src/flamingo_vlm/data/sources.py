@@ -6,6 +6,7 @@ parquet row dicts), and can start ``skip`` records in without decoding them, whi
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import gzip
 import io
@@ -24,9 +25,13 @@ class ShardError(Exception):
     """A shard could not be read (missing, truncated, not the expected format)."""
 
 
-def expand_paths(paths: Sequence[str], extensions: Sequence[str], data_root: str | None = None) -> list[str]:
+def expand_paths(paths: Sequence[str], extensions: Sequence[str], data_root: str | None = None,
+                 exclude_dirs: Sequence[str] = ()) -> list[str]:
     """Files/URLs from config entries: plain paths, globs (``*``), brace ranges (``{000..099}``),
-    directories (their files with one of ``extensions``, sorted) and remote URLs (kept as they are)."""
+    directories (their files with one of ``extensions``, sorted) and remote URLs (kept as they are).
+
+    exclude_dirs: folder name patterns (fnmatch) a directory walk does not enter, e.g. the opt-out
+    versions beside OBELICS's ``data/`` (name such a folder itself to read it)."""
     out: list[str] = []
     for entry in paths:
         entry = os.path.expanduser(str(entry))
@@ -39,10 +44,19 @@ def expand_paths(paths: Sequence[str], extensions: Sequence[str], data_root: str
             if any(c in item for c in "*?["):
                 out.extend(sorted(glob.glob(item, recursive=True)))
             elif os.path.isdir(item):
-                out.extend(sorted(p for p in glob.glob(os.path.join(item, "**", "*"), recursive=True) if p.endswith(tuple(f".{e}" for e in extensions))))
+                out.extend(_walk(item, extensions, exclude_dirs))
             else:
                 out.append(item)
     return out
+
+
+def _walk(root: str, extensions: Sequence[str], exclude_dirs: Sequence[str]) -> list[str]:
+    found = []
+    suffixes = tuple(f".{e}" for e in extensions)
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not any(fnmatch.fnmatch(d, pattern) for pattern in exclude_dirs)]
+        found.extend(os.path.join(folder, f) for f in files if f.endswith(suffixes))
+    return sorted(found)
 
 
 class TarSource:

@@ -125,9 +125,10 @@ class FlamingoModel(nn.Module):
         self.decoder_layers_attr = wrap_lm(lm, blocks, config.decoder_layers_attr)
         route_context(lm, find_decoder_layers(lm, self.decoder_layers_attr)[1])
         device = next(lm.parameters()).device
-        self.resampler.to(device)
-        for block in blocks.values():
-            block.to(device)
+        if device.type != "meta":  # a meta LM is materialised later (sharded construction); the bridge keeps its values
+            self.resampler.to(device)
+            for block in blocks.values():
+                block.to(device)
         self.train(False)
 
     # ---- structure ---------------------------------------------------------------------------

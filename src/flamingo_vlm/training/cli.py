@@ -2,6 +2,7 @@
 
     flamingo train configs/train/flamingo-3b.yaml steps=1000 datasets.0.batch_size=32
     torchrun --nproc-per-node 8 -m flamingo_vlm.training.cli configs/train/flamingo-9b.yaml --resume
+    flamingo train configs/train/flamingo-80b.yaml --dry-run --world-size 64   # check a launch, build nothing
 """
 
 from __future__ import annotations
@@ -13,10 +14,17 @@ import sys
 
 def build_model(config):
     """(model, processor) for a TrainConfig: a new bridge on ``lm`` + ``vision`` (seeded by ``seed``, so
-    every process builds the same one), or the bridge saved in ``init_from``."""
+    every process builds the same one), or the bridge saved in ``init_from``. With
+    ``sharded_construction``, built already sharded over the torchrun processes (see ``construct``)."""
     import torch
 
     from .. import build_flamingo, load_flamingo
+
+    if config.sharded_construction:
+        from .construct import build_sharded_model
+        from .distributed import init_distributed
+
+        return build_sharded_model(config, init_distributed(config.device))
 
     torch.manual_seed(config.seed)
     if config.init_from:
@@ -26,6 +34,25 @@ def build_model(config):
         raise ValueError("the config must name `lm` and `vision` backbones (or `init_from`, a saved Flamingo model)")
     return build_flamingo(config.lm, config.vision, config.tokenizer, lm_kwargs=config.lm_kwargs or None,
                           vision_kwargs=config.vision_kwargs or None, **config.flamingo)
+
+
+def prefetch_backbones(config) -> None:
+    """Fetch the hub backbones (and tokenizer) the config names into the local Hugging Face cache; local
+    paths, open_clip and timm names are left to their loaders."""
+    import os
+
+    names = [config.lm, config.tokenizer]
+    if config.flamingo.get("vision_type") in (None, "clip", "siglip"):
+        names.append(config.vision)
+    names = [n for n in dict.fromkeys(names) if n and not os.path.exists(os.path.expanduser(str(n)))]
+    if not names:
+        return
+    from huggingface_hub import snapshot_download
+
+    revision = (config.lm_kwargs or {}).get("revision")
+    for name in names:
+        snapshot_download(name, revision=revision if name == config.lm else None,
+                          allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"])
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
@@ -49,6 +76,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-resume", dest="resume", action="store_false", help="start over even if the config says resume")
     p.add_argument("--overwrite", action="store_true", help="delete the run already in output_dir and start a new one there")
     p.add_argument("--no-progress", action="store_true", help="no progress bar: a log line every `log_every` steps instead")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config at --world-size (batches, lanes, mesh, output_dir), build the model on the meta "
+                        "device, print parameters, memory per rank and bytes communicated per step, and exit")
+    p.add_argument("--world-size", type=int, default=None, help="processes the dry run plans for (default: WORLD_SIZE, or 1)")
 
 
 def run_train_cli(args: argparse.Namespace) -> int:
@@ -60,6 +91,8 @@ def run_train_cli(args: argparse.Namespace) -> int:
     from .config import load_train_config
     from .loop import train
     from .rundir import prepare_run_dir
+    from .distributed import init_distributed
+    from .plan import check_launch, dry_run, world_size_from_env
 
     overrides = list(args.overrides or []) + list(getattr(args, "set_overrides", None) or [])
     if args.steps is not None:
@@ -69,11 +102,22 @@ def run_train_cli(args: argparse.Namespace) -> int:
     if args.resume is not None:
         overrides.append(f"resume={str(args.resume).lower()}")
     config = load_train_config(args.config, overrides)
+    world_size = args.world_size if getattr(args, "world_size", None) is not None else world_size_from_env()
+    if getattr(args, "dry_run", False):
+        dry_run(config, world_size)
+        return 0
+    if getattr(args, "world_size", None) is not None and args.world_size != world_size_from_env():
+        raise ValueError(f"--world-size {args.world_size} is for --dry-run; this launch has {world_size_from_env()} process(es)")
+    check_launch(config, world_size)  # before anything is downloaded or built
     owns_process_group = not dist.is_initialized()  # train() joins torchrun's group; this command ends it
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
     if rank == 0:  # one process checks and records the run (the others would see its record)
         prepare_run_dir(config.to_dict(), overwrite=getattr(args, "overwrite", False))
     try:
+        env = init_distributed(config.device)  # the group exists before anything is fetched
+        if env.local_rank == 0:
+            prefetch_backbones(config)  # one download per node; the other processes then read the cache
+        env.barrier()
         model, processor = build_model(config)
         if rank == 0:
             print(run_banner("train", model, device=default_device(config.device), output=config.output_dir), flush=True)

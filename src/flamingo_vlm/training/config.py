@@ -120,8 +120,18 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     compile: bool = False
     compile_backend: str = "inductor"
-    # distribution: under torchrun, "fsdp" shards parameters (FSDP2), "ddp" replicates them
-    distributed: Literal["fsdp", "ddp"] = "fsdp"
+    # distribution: under torchrun, "fsdp" shards parameters (FSDP2), "ddp" replicates them, "hsdp" shards
+    # them within groups of `shard_size` processes (a node) and replicates across the groups
+    distributed: Literal["fsdp", "ddp", "hsdp"] = "fsdp"
+    shard_size: int | None = None  # hsdp: processes per shard group (e.g. the GPUs of a node)
+    # "replicate": the frozen backbones stay whole on every process, outside FSDP, so only the trained
+    # parameters are all-gathered (fits when the frozen LM fits on one device); "fsdp": sharded too
+    frozen_sharding: Literal["fsdp", "replicate"] = "fsdp"
+    # build on the meta device and load only this process's slices of the backbones' safetensors
+    # (flamingo_vlm.training.construct); a new bridge on `lm` + `vision` (transformers models) only
+    sharded_construction: bool = False
+    reduce_every_micro_step: bool = False  # reduce-scatter gradients after each micro-batch (no unsharded accumulation)
+    count_communication: bool = False  # report the bytes each step's collectives moved (comm/* in the metrics)
     device: str | None = None  # default: cuda:<local rank> if available, else cpu
     # data loading
     seed: int = 0
@@ -131,6 +141,7 @@ class TrainConfig:
     # outputs
     output_dir: str = "runs/flamingo"
     checkpoint_every: int = 1000  # 0: only at the end
+    async_checkpoint: bool = False  # copy the shards to memory and write them while training goes on
     keep_last: int = 3
     save_final: bool = True  # write output_dir/final (save_pretrained layout + processor)
     log_every: int = 10
@@ -164,11 +175,13 @@ class TrainConfig:
             raise ValueError("log_every must be >= 1")
         checks = {
             "schedule": ("constant", "cosine"), "mixture": ("accumulate", "round_robin"), "precision": ("fp32", "bf16"),
-            "frozen_dtype": ("fp32", "bf16", None), "distributed": ("fsdp", "ddp"), "nan_policy": ("skip", "stop"),
+            "frozen_dtype": ("fp32", "bf16", None), "distributed": ("fsdp", "ddp", "hsdp"), "frozen_sharding": ("fsdp", "replicate"), "nan_policy": ("skip", "stop"),
         }
         for key, allowed in checks.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if self.distributed == "hsdp" and (self.shard_size is None or self.shard_size < 1):
+            raise ValueError("distributed: hsdp needs shard_size (processes per shard group, e.g. the GPUs of a node) >= 1")
         unknown = sorted(set(self.flamingo) - {f.name for f in dataclasses.fields(FlamingoConfig)})
         if unknown:
             raise unknown_keys_error(FlamingoConfig, unknown, "flamingo")

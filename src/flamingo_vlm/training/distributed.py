@@ -165,24 +165,51 @@ def _vision_blocks(encoder: nn.Module) -> list[nn.Module]:
     return best
 
 
-def shard_model(model, env: DistEnv, strategy: str = "fsdp") -> None:
-    """Apply FSDP2 ``fully_shard`` to the model (see the module docstring for the units)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
+def device_mesh_shape(strategy: str, world_size: int, shard_size: int | None = None) -> tuple[int, ...]:
+    """The mesh each strategy shards over: (world,) for FSDP; (replicas, shard) for DDP (shards of one)
+    and HSDP (shards of ``shard_size`` processes). ValueError if the processes do not fill it."""
     if strategy == "fsdp":
-        mesh = init_device_mesh(env.device.type, (env.world_size,))
-    elif strategy == "ddp":  # HSDP with shards of one: every parameter replicated, gradients all-reduced
-        mesh = init_device_mesh(env.device.type, (env.world_size, 1), mesh_dim_names=("replicate", "shard"))
-    else:
-        raise ValueError(f"distributed must be 'fsdp' or 'ddp', got {strategy!r}")
-    for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh)
-    for block in _vision_blocks(model.vision_encoder):
-        fully_shard(block, mesh=mesh)
-    if any(True for _ in model.resampler.parameters()):  # none without a resampler (use_resampler=False)
-        fully_shard(model.resampler, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        return (world_size,)
+    if strategy == "ddp":
+        return (world_size, 1)
+    if strategy == "hsdp":
+        if not shard_size or world_size % shard_size:
+            raise ValueError(f"distributed: hsdp with shard_size={shard_size} needs a world size that is a multiple of it, got {world_size}")
+        return (world_size // shard_size, shard_size)
+    raise ValueError(f"distributed must be 'fsdp', 'ddp' or 'hsdp', got {strategy!r}")
+
+
+def shard_model(model, env: DistEnv, strategy: str = "fsdp", *, frozen: str = "fsdp", precision: str = "fp32",
+                shard_size: int | None = None) -> None:
+    """Apply FSDP2 ``fully_shard`` to the model (see the module docstring for the units).
+
+    frozen: "fsdp" shards the frozen backbones with the rest; "replicate" leaves them out of FSDP
+    (``ignored_params``): every process holds them whole, and only the trained parameters are
+    all-gathered, instead of the whole model twice per micro-step. precision "bf16": FSDP2's
+    ``MixedPrecisionPolicy`` gathers parameters in bf16 and reduces gradients in fp32.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    shape = device_mesh_shape(strategy, env.world_size, shard_size)
+    # ddp is HSDP with shards of one: every parameter replicated, gradients all-reduced
+    mesh = init_device_mesh(env.device.type, shape, mesh_dim_names=("replicate", "shard") if len(shape) == 2 else None)
+    if frozen not in ("fsdp", "replicate"):
+        raise ValueError(f"frozen_sharding must be 'fsdp' or 'replicate', got {frozen!r}")
+    ignored = None
+    if frozen == "replicate":
+        ignored = {p for p in model.parameters() if not p.requires_grad}
+        if not any(p.is_meta for p in model.parameters()):  # (a meta model is materialised by its builder)
+            model.to(env.device)  # FSDP moves what it manages; the frozen part is moved here, whole
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else MixedPrecisionPolicy()
+    kwargs = {"mesh": mesh, "mp_policy": mp, "ignored_params": ignored}
+    units = [*decoder_layers(model), *_vision_blocks(model.vision_encoder), model.resampler]
+    for unit in units:
+        if not any(True for _ in unit.parameters()):
+            continue  # nothing to shard (the resampler with use_resampler=False)
+        if ignored is None or any(p.requires_grad for p in unit.parameters()):  # a unit of frozen weights only needs no FSDP
+            fully_shard(unit, **kwargs)
+    fully_shard(model, **kwargs)
 
 
 def set_gradient_sync(model, enabled: bool) -> None:
@@ -193,7 +220,10 @@ def set_gradient_sync(model, enabled: bool) -> None:
 
 
 def prepare_model(model, config, env: DistEnv):
-    """Frozen dtype, activation checkpointing, compile, then FSDP2 (several processes) or a device move."""
+    """Frozen dtype, activation checkpointing, compile, then FSDP2 (several processes) or a device move
+    (nothing for a model ``build_sharded_model`` already built that way)."""
+    if getattr(model, "_flamingo_prepared", False):
+        return model
     if config.frozen_dtype is not None:
         cast_frozen(model, DTYPES[config.frozen_dtype])
     if config.gradient_checkpointing:
@@ -201,7 +231,8 @@ def prepare_model(model, config, env: DistEnv):
     if config.compile:
         apply_compile(model, config.compile_backend)
     if env.distributed:
-        shard_model(model, env, config.distributed)
+        shard_model(model, env, config.distributed, frozen=config.frozen_sharding, precision=config.precision,
+                    shard_size=config.shard_size)
     else:
         model.to(env.device)
     return model
@@ -213,24 +244,3 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def copy_full_into(target: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy a whole tensor into ``target``, or into this process's shard of it when it is a DTensor."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    with torch.no_grad():
-        if isinstance(target, DTensor):
-            local = distribute_tensor(full.to(target.device, target.dtype), target.device_mesh, target.placements, src_data_rank=None)
-            target.to_local().copy_(local.to_local())
-        else:
-            target.copy_(full.to(target.device, target.dtype))
-
-
-def shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """A whole tensor laid out like ``param`` (a DTensor shard of it when ``param`` is one)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if isinstance(param, DTensor):
-        return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
-    return full.to(param.device)

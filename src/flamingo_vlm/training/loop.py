@@ -15,6 +15,7 @@ Each optimizer step (paper section 2.4):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -29,11 +30,13 @@ import torch
 from ..data.labels import collate
 from ..data.mixture import COUNT_KEYS, Mixture
 from ..data.samples import Sample
-from .checkpoint import CHECKPOINTS_DIR, latest_checkpoint, load_checkpoint, save_checkpoint, save_final
+from .checkpoint import CHECKPOINTS_DIR, PendingCheckpoint, checkpoint_dir_name, latest_checkpoint, load_checkpoint, save_checkpoint, save_final
+from .comm import count_collectives
 from .config import TrainConfig, load_train_config
 from .distributed import DistEnv, autocast_context, full_tensor, init_distributed, prepare_model, set_gradient_sync
 from .metrics import MetricsLogger
 from .optim import build_optimizer, build_scheduler
+from .plan import check_launch, check_shared_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +68,14 @@ def micro_batches(samples: list[Sample], size: int | None, *, pad_token_id: int,
     return [collate(samples[i : i + size], pad_token_id=pad_token_id, media_token_id=media_token_id) for i in range(0, len(samples), size)]
 
 
-def forward_backward(model, parts: list[DatasetBatch], *, device: torch.device, precision: str = "fp32", world_size: int = 1) -> torch.Tensor:
+def forward_backward(model, parts: list[DatasetBatch], *, device: torch.device, precision: str = "fp32", world_size: int = 1,
+                     reduce_every_micro_step: bool = False) -> torch.Tensor:
     """Accumulate the step's gradient: sum_d weight_d * grad(sum NLL_d) / num_targets_d.
 
     Gradients are scaled by ``world_size`` because the data-parallel reduction averages over processes
-    while the objective sums them. Returns this rank's NLL sum per part [len(parts)] (detached).
+    while the objective sums them. The reduction runs once, in the last backward, unless
+    ``reduce_every_micro_step`` (then each backward reduce-scatters, and no unsharded gradient is kept).
+    Returns this rank's NLL sum per part [len(parts)] (detached).
     """
     total = sum(len(p.micro) for p in parts)
     done = 0
@@ -79,7 +85,7 @@ def forward_backward(model, parts: list[DatasetBatch], *, device: torch.device, 
         scale = part.weight * world_size / max(part.num_targets, 1)
         for batch in part.micro:
             done += 1
-            set_gradient_sync(model, done == total)  # one reduction per step, in the last backward
+            set_gradient_sync(model, reduce_every_micro_step or done == total)  # by default one reduction, in the last backward
             inputs = {k: batch[k].to(device, non_blocking=True) if torch.is_tensor(batch[k]) else batch[k]
                       for k in ("input_ids", "attention_mask", "pixel_values", "frame_mask")}
             labels = batch["labels"].to(device, non_blocking=True)
@@ -184,10 +190,12 @@ def train(
     if not isinstance(config, TrainConfig):
         config = load_train_config(config)
     env = init_distributed(config.device)
+    check_launch(config, env.world_size)  # every world-size rule, before the model is prepared
     torch.manual_seed(config.seed)
     output_dir = Path(config.output_dir)
     if env.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
+    check_shared_output_dir(output_dir, env)
     found = resolve_resume(config) if env.is_main else None
     resume_from = env.broadcast_object(str(found) if found else None)  # one decision for every process
 
@@ -222,11 +230,14 @@ def train(
         log.message(f"{env.world_size} processes, {config.distributed} on {env.device.type}")
     model.train()
     last_counts = [dict(c) for c in trainer_state.get("counts", [{} for _ in names])]
+    pending: PendingCheckpoint | None = None
     try:
         for step in range(start, config.steps):
             t0 = time.perf_counter()
             parts = take_step_batches(mixture, step, config, env)
-            nll = forward_backward(model, parts, device=env.device, precision=config.precision, world_size=env.world_size)
+            with count_collectives() if config.count_communication else contextlib.nullcontext() as comm:
+                nll = forward_backward(model, parts, device=env.device, precision=config.precision, world_size=env.world_size,
+                                       reduce_every_micro_step=config.reduce_every_micro_step)
             losses, tokens, counts = reduce_step_stats(nll, parts, mixture, env)
             loss = sum(weights[d] * v for d, v in losses.items())
             grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, config.grad_clip or math.inf)).item()  # once per step
@@ -248,7 +259,7 @@ def train(
                                       "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / max(elapsed, 1e-9),
                                       "time_s": elapsed, **{f"skipped/{n}": c["skipped_records"] for n, c in zip(names, counts)},
                                       "skips": {n: {k: v for k, v in c.items() if v} for n, c in zip(names, counts)},
-                                      "skipped_step": not finite}
+                                      "skipped_step": not finite, **(comm.as_metrics() if comm is not None else {})}
             result.history.append(record)
             log.log(record)
             if (step + 1) % config.log_every == 0 and counts != last_counts:
@@ -259,16 +270,25 @@ def train(
 
             if step + 1 == config.steps or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0):
                 data_state = _merge_data_states(env.gather_objects(mixture.state_dict()))
-                path = save_checkpoint(
+                if pending is not None:  # the previous background save is published before the next starts
+                    pending.wait()
+                saved = save_checkpoint(
                     output_dir, step + 1, model=model, optimizer=optimizer, scheduler=scheduler, env=env, keep_last=config.keep_last,
                     trainer_state={"data": data_state, "counts": counts, "config": config.to_dict(), "time": time.time()},
+                    background=config.async_checkpoint,
                 )
-                result.checkpoint_dir = str(path)
+                pending = saved if isinstance(saved, PendingCheckpoint) else None
+                result.checkpoint_dir = str(output_dir / CHECKPOINTS_DIR / checkpoint_dir_name(step + 1))
             if callback is not None:
                 callback(record)
+        if pending is not None:
+            pending.wait()
+            pending = None
         if config.save_final:
             result.final_dir = str(save_final(model, processor, output_dir / "final", env))
     finally:
+        if pending is not None:  # stopped by an error: the last background write completes, unpublished
+            pending.abandon()
         mixture.close()
         log.close()
     return result

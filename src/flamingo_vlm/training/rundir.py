@@ -20,6 +20,9 @@ RUN_CONFIG_NAME = "run_config.json"
 OPERATIONAL_KEYS = frozenset({
     "output_dir", "resume", "log_every", "tensorboard", "checkpoint_every", "keep_last", "save_final", "num_workers",
     "prefetch_factor", "device", "compile", "compile_backend", "gradient_checkpointing",
+    # how the processes share the work: a checkpoint resumes on another layout or world size
+    "distributed", "shard_size", "frozen_sharding", "reduce_every_micro_step", "sharded_construction", "async_checkpoint",
+    "count_communication",
 })
 # What a directory written by a run holds (anything else in a non-empty directory: not ours to delete).
 RUN_ENTRIES = frozenset({RUN_CONFIG_NAME, "metrics.jsonl", "checkpoints", "final", "tensorboard", "results.json"})
