@@ -26,7 +26,10 @@ def collate(samples: Sequence[Sample], *, pad_token_id: int, media_token_id: int
     ids = pad_sequence([s.input_ids for s in samples], batch_first=True, padding_value=pad_token_id)
     lengths = torch.tensor([len(s.input_ids) for s in samples])
     attention_mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
-    labels = make_labels(ids, attention_mask, media_token_id)
+    starts = None
+    if any(s.target_start is not None for s in samples):  # supervised samples: the loss on their answers only
+        starts = torch.tensor([s.target_start or 0 for s in samples])
+    labels = make_labels(ids, attention_mask, media_token_id, starts)
     media = stack_media([m for s in samples for m in s.media])
     return {
         "input_ids": ids,

@@ -13,6 +13,7 @@ import os
 from typing import Any, Sequence
 
 from .images import ImageFilter
+from .instruct import InstructFormat
 from .interleaved import MMC4Format, ObelicsFormat
 from .pairs import PairsFormat
 from .samples import SKIP_REASONS, Sample
@@ -21,9 +22,9 @@ from .stream import DatasetStream, LaneState, StreamSpec, default_lanes
 from .text import TokenLayout
 from .video import VideoFormat
 
-FORMATS = ("pairs", "mmc4", "obelics", "video")
+FORMATS = ("pairs", "mmc4", "obelics", "video", "instruct")
 OBELICS_OPT_OUT_DIRS = ("opt_out_docs_removed*",)
-DEFAULT_MAX_TOKENS = {"pairs": 32, "video": 32, "mmc4": 256, "obelics": 256}  # the paper's M3W window: 256
+DEFAULT_MAX_TOKENS = {"pairs": 32, "video": 32, "mmc4": 256, "obelics": 256, "instruct": 512}  # the paper's M3W window: 256
 
 
 def dataset_shards(cfg: Any, data_root: str | None = None) -> list[str]:
@@ -31,6 +32,8 @@ def dataset_shards(cfg: Any, data_root: str | None = None) -> list[str]:
         extensions = ParquetSource.extensions
     elif cfg.format == "mmc4":
         extensions = TarSource.extensions + JsonlSource.extensions
+    elif cfg.format == "instruct":
+        extensions = JsonlSource.extensions
     else:
         extensions = TarSource.extensions
     # an OBELICS snapshot's root holds data/ and the opt-out versions beside it: one copy of the set is read
@@ -41,8 +44,9 @@ def dataset_shards(cfg: Any, data_root: str | None = None) -> list[str]:
     return shards
 
 
-def make_format(cfg: Any, layout: TokenLayout, transform, shards: Sequence[str], data_root: str | None = None):
-    """The record decoder for a dataset config (``format``: pairs | mmc4 | obelics | video)."""
+def make_format(cfg: Any, layout: TokenLayout, transform, shards: Sequence[str], data_root: str | None = None, processor=None):
+    """The record decoder for a dataset config (``format``: pairs | mmc4 | obelics | video | instruct;
+    ``instruct`` tokenises prompts with ``processor``, as inference does)."""
     max_tokens = cfg.max_tokens or DEFAULT_MAX_TOKENS[cfg.format]
     if cfg.format == "pairs":
         return PairsFormat(layout, transform, max_tokens=max_tokens)
@@ -51,6 +55,10 @@ def make_format(cfg: Any, layout: TokenLayout, transform, shards: Sequence[str],
     image_dir = cfg.image_dir
     if image_dir and data_root and not os.path.isabs(os.path.expanduser(image_dir)):
         image_dir = os.path.join(data_root, image_dir)
+    if cfg.format == "instruct":
+        if processor is None:
+            raise ValueError(f"dataset {cfg.name!r}: the instruct format needs the processor")
+        return InstructFormat(processor, max_tokens=max_tokens, image_dir=image_dir and os.path.expanduser(image_dir))
     common = dict(
         max_tokens=max_tokens, max_images=cfg.max_images, p_next=cfg.p_next, image_dir=image_dir and os.path.expanduser(image_dir),
         image_filter=ImageFilter(cfg.min_image_size, cfg.max_aspect_ratio),
@@ -98,7 +106,7 @@ class Mixture:
                 raise ValueError(f"dataset {cfg.name!r}: the checkpoint was written with lanes={saved['lanes']}, the config asks for {lanes}")
             states = {int(k): LaneState.from_dict(v) for k, v in (saved or {}).get("states", {}).items()}
             spec = StreamSpec(cfg.name, tuple(shards), lanes, seed=seed, shuffle=cfg.shuffle, shuffle_block=cfg.shuffle_block)
-            fmt = make_format(cfg, layout, processor.image_transform, shards, data_root)
+            fmt = make_format(cfg, layout, processor.image_transform, shards, data_root, processor=processor)
             self.streams.append(
                 DatasetStream(spec, fmt, batch_size=cfg.batch_size, rank=rank, world_size=world_size, num_workers=workers,
                               prefetch_factor=prefetch_factor, states=states)

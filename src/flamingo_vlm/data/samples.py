@@ -38,9 +38,12 @@ class Sample:
     media: one float tensor [T, C, H, W] per ``<image>`` token (an image is T=1).
     key: where it came from (``shard#key``), reported when a batch goes wrong.
     dropped: counts of images dropped from this sample, by reason (they did not stop the sample).
+    target_start: supervised data (answer-only loss): the index of the first token that is a target
+    (the answer's); the tokens before it are the prompt. None: the pretraining rule alone.
     """
 
     input_ids: torch.Tensor
     media: list[torch.Tensor]
     key: str = ""
     dropped: dict[str, int] = field(default_factory=dict)
+    target_start: int | None = None

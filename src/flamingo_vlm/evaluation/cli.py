@@ -84,6 +84,10 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars (for logs)")
     p.add_argument("--device", default=None, help=DEVICE_HELP)
     add_backbone_arguments(p)
+    p.add_argument("--write-train-data", default=None, metavar="DIR",
+                   help="evaluate nothing: write each task's training split as instruction records DIR/<task>.jsonl (the "
+                        "eval prompt, the first --shots value as in-context shots, the first seed) for `flamingo train` "
+                        "(format: instruct); no model needed")
     p.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set max_rows=32 --set tasks.0.image_dir=/data/coco (repeatable)")
     p.set_defaults(func=run_eval_cli)
@@ -106,7 +110,7 @@ def resolve_task_paths(spec: dict, base: Path) -> dict:
     return out
 
 
-def load_eval_config(path: str | Path, overrides: dict[str, Any] | None = None, sets: Sequence[str] = ()) -> EvalConfig:
+def load_eval_config(path: str | Path, overrides: dict[str, Any] | None = None, sets: Sequence[str] = (), need_model: bool = True) -> EvalConfig:
     """The YAML config with ``key.path=value`` overrides (``sets``), then flag overrides (None values: flag not
     given) applied, and paths resolved.
 
@@ -125,7 +129,7 @@ def load_eval_config(path: str | Path, overrides: dict[str, Any] | None = None, 
     apply_overrides(raw, sets)
     apply_overrides(raw, {k: v for k, v in (overrides or {}).items() if v is not None})
     config = from_dict(EvalConfig, raw)
-    if not config.model:
+    if not config.model and need_model:
         raise ValueError(f"{path}: no `model` (a saved Flamingo directory) in the config or --model")
     if not config.tasks:
         raise ValueError(f"{path}: no `tasks` in the config")
@@ -146,7 +150,8 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         "lm": getattr(args, "lm", None), "vision": getattr(args, "vision", None),
         "resume": args.resume, "progress": args.progress,
     }
-    config = load_eval_config(args.config, overrides, getattr(args, "set_overrides", None) or ())
+    write_dir = getattr(args, "write_train_data", None)
+    config = load_eval_config(args.config, overrides, getattr(args, "set_overrides", None) or (), need_model=write_dir is None)
     specs = config.tasks
     if args.tasks:
         wanted = [t for t in args.tasks.split(",") if t]
@@ -158,6 +163,8 @@ def run_eval_cli(args: argparse.Namespace) -> int:
     else:
         tasks = [build_task(spec) for spec in specs]
 
+    if write_dir is not None:
+        return write_train_data(tasks, config, Path(write_dir))
     model, processor = load_flamingo(config.model, lm=config.lm, vision=config.vision)
     device = default_device(config.device)
     model.to(device)
@@ -173,4 +180,21 @@ def run_eval_cli(args: argparse.Namespace) -> int:
     Path(config.out).with_suffix(".txt").write_text(table + "\n")
     print(table)
     print(f"results: {config.out}")
+    return 0
+
+
+def write_train_data(tasks: list, config: EvalConfig, directory: Path) -> int:
+    """``flamingo eval CONFIG --write-train-data DIR``: every task's training split as instruction records."""
+    from .protocol import get_protocol
+    from .train_data import write_task_records
+
+    protocol = get_protocol(config.protocol or "paper").name
+
+    shots = config.shots[0] if config.shots else 0
+    seed = config.seeds[0] if config.seeds else 0
+    for task in tasks:
+        task.use_protocol(protocol)  # the prompt flamingo eval will use with this config
+        path = directory / f"{task.name}.jsonl"
+        n = write_task_records(task, path, shots=shots, seed=seed, limit=config.limit)  # --limit: the first N examples
+        print(f"{task.name}: {n} records ({shots} shots) -> {path}")
     return 0

@@ -36,7 +36,8 @@ _DERIVED_FLAMINGO_KEYS = {
 class DatasetConfig:
     """One dataset of the mixture.
 
-    name: used in logs (``loss/<name>``) and checkpoints. format: pairs | mmc4 | obelics | video.
+    name: used in logs (``loss/<name>``) and checkpoints. format: pairs | mmc4 | obelics | video | instruct
+    (supervised prompt + answer records, the loss on the answer: :mod:`flamingo_vlm.data.instruct`).
     paths: files, globs, brace ranges (``shard-{0000..0099}.tar``), directories or URLs.
     batch_size: the *global* batch per optimizer step (all processes together), as in the paper.
     loss_weight: the paper's lambda_m. micro_batch_size: samples per forward on each process
@@ -51,7 +52,7 @@ class DatasetConfig:
     """
 
     name: str
-    format: Literal["pairs", "mmc4", "obelics", "video"]
+    format: Literal["pairs", "mmc4", "obelics", "video", "instruct"]
     paths: list[str]
     batch_size: int
     loss_weight: float = 1.0
