@@ -127,10 +127,22 @@ class FlamingoConfig:
     # The dtype the LM named by lm_name_or_path is loaded in (None: transformers' default, the checkpoint's own).
     # ``flamingo convert openflamingo --dtype`` records its choice here, so the model reloads as converted.
     lm_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    # Fine-tuning (paper section 3.2; flamingo_vlm.modeling.finetune): backbone weights trained and saved with
+    # the bridge. The vision encoder's last n blocks (-1: all of it), the LM's last n decoder layers, and LoRA
+    # adapters (peft) of this rank on the LM's decoder layers (target modules: () = peft's default for the LM).
+    train_vision_blocks: int = 0
+    train_lm_layers: int = 0
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: tuple[str, ...] = ()
+    # The vision encoder's input size (None: its own); position embeddings interpolated (CLIP/SigLIP).
+    vision_image_size: int | None = None
 
     def __post_init__(self) -> None:
         # a frozen dataclass sets its own fields only through object.__setattr__
         object.__setattr__(self, "new_token_ids", tuple(int(i) for i in self.new_token_ids))
+        object.__setattr__(self, "lora_target_modules", tuple(str(m) for m in self.lora_target_modules))
         if self.media_attention not in ("last", "all"):
             raise ValueError(f"media_attention must be 'last' or 'all', got {self.media_attention!r}")
         for name in ("ff_activation", "resampler_ff_activation"):
@@ -157,6 +169,15 @@ class FlamingoConfig:
         for name in ("resampler_depth", "resampler_num_latents", "resampler_heads", "xattn_heads", "max_num_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.train_vision_blocks < -1 or self.train_lm_layers < 0:
+            raise ValueError(
+                f"train_vision_blocks must be -1 (all), 0 (none) or n (the last n blocks) and train_lm_layers >= 0, got "
+                f"{self.train_vision_blocks} and {self.train_lm_layers}"
+            )
+        if self.lora_rank < 0 or self.lora_alpha <= 0 or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"LoRA needs rank >= 0, alpha > 0, 0 <= dropout < 1; got {self.lora_rank}, {self.lora_alpha}, {self.lora_dropout}")
+        if self.vision_image_size is not None and self.vision_image_size < 1:
+            raise ValueError(f"vision_image_size must be >= 1 (or None), got {self.vision_image_size}")
         if self.lm_dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"lm_dtype must be 'float32', 'bfloat16', 'float16' or None, got {self.lm_dtype!r}")
 

@@ -6,6 +6,7 @@ import functools
 import inspect
 import os
 from collections.abc import Iterator
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ from torch import nn
 from ..config import FlamingoConfig
 from .backbones import check_lm_signature, lm_signature, load_backbones, paths_after_loading, paths_for_saving, write_lm_signature
 from .card import push_to_hub, write_model_card
+from .finetune import apply_backbone_training, backbone_state
 from .context import NO_MEDIA, MediaContext, MediaKV, StepMedia
 from .lm import (
     CONTEXT_KWARG,
@@ -124,6 +126,9 @@ class FlamingoModel(nn.Module):
             add_new_token_rows(lm, len(config.new_token_ids), config.new_token_ids[0], truncate=config.truncate_vocab)
         self.decoder_layers_attr = wrap_lm(lm, blocks, config.decoder_layers_attr)
         route_context(lm, find_decoder_layers(lm, self.decoder_layers_attr)[1])
+        self._base_lm_signature: dict[str, Any] | None = None
+        self._remember_lm_signature()
+        apply_backbone_training(self)  # fine-tuning: LoRA adapters, trained backbone weights, input size
         device = next(lm.parameters()).device
         if device.type != "meta":  # a meta LM is materialised later (sharded construction); the bridge keeps its values
             self.resampler.to(device)
@@ -154,9 +159,46 @@ class FlamingoModel(nn.Module):
     def lm_signature(self) -> dict[str, Any]:
         """What identifies the LM (see :func:`~flamingo_vlm.modeling.backbones.lm_signature`), saved beside the
         bridge so that loading it onto another LM is refused."""
+        saved = getattr(self, "_base_lm_signature", None)
+        if saved is not None:
+            return saved
         _, layers = find_decoder_layers(self.lm, self.decoder_layers_attr)
         with torch.no_grad():
             return lm_signature(self.lm, [layer.decoder_layer for layer in layers])
+
+    def set_backbone_training(self, **changes: Any) -> FlamingoModel:
+        """Train more of the backbones from now on (fine-tuning an already trained bridge): ``changes`` are
+        FlamingoConfig's train_vision_blocks, train_lm_layers, lora_* and vision_image_size fields (see
+        :mod:`flamingo_vlm.modeling.finetune`). The model's config becomes the one that describes it, so
+        ``save_pretrained`` / ``from_pretrained`` restore exactly what is trained. Returns self."""
+        allowed = {"train_vision_blocks", "train_lm_layers", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "vision_image_size"}
+        unknown = sorted(set(changes) - allowed)
+        if unknown:
+            raise ValueError(f"set_backbone_training: {unknown} are not backbone-training settings ({sorted(allowed)})")
+        current = self.config
+        lora_keys = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules")
+        if current.lora_rank and any(k in changes and changes[k] != getattr(current, k) for k in lora_keys):
+            raise ValueError("this model already has LoRA adapters; their settings cannot change (merge them or start from the bridge)")
+        vision, layers = changes.get("train_vision_blocks", current.train_vision_blocks), changes.get("train_lm_layers", current.train_lm_layers)
+        if (current.train_vision_blocks and vision != -1 and (current.train_vision_blocks == -1 or vision < current.train_vision_blocks)) or (
+            layers < current.train_lm_layers
+        ):
+            raise ValueError(
+                f"this model holds fine-tuned backbone weights (train_vision_blocks={current.train_vision_blocks}, train_lm_layers="
+                f"{current.train_lm_layers}): they must stay in what is trained and saved (asked: {vision}, {layers})"
+            )
+        self.config = dataclasses.replace(current, **changes)
+        self._remember_lm_signature()
+        apply_backbone_training(self)
+        return self
+
+    def _remember_lm_signature(self) -> None:
+        """When fine-tuning trains the LM's first decoder layer (the one :meth:`lm_signature` samples), keep the
+        signature of the LM as loaded, so the saved model still names its base LM."""
+        _, layers = find_decoder_layers(self.lm, self.decoder_layers_attr)
+        if self._base_lm_signature is None and self.config.train_lm_layers >= len(layers):
+            if next(self.lm.parameters()).device.type != "meta":
+                self._base_lm_signature = self.lm_signature()
 
     @property
     def xattn_blocks(self) -> list[GatedCrossAttentionBlock]:
@@ -184,6 +226,7 @@ class FlamingoModel(nn.Module):
             state["new_token_lm_head.weight"] = head.new_weight
         if self.config.save_lm_embeddings:  # frozen, but not the LM checkpoint's (see FlamingoConfig)
             state.update(self._lm_embedding_state())
+        state.update(backbone_state(self))  # fine-tuned backbone weights / LoRA adapters, if any
         return state
 
     def _lm_embedding_state(self) -> dict[str, torch.Tensor]:

@@ -179,6 +179,7 @@ class HFVisionEncoder(VisionEncoder):
         self.name_or_path = name_or_path
         self.drop_cls = vision_type == "clip"
         self.post_norm: nn.Module | None = None
+        self.interpolate_pos_encoding = False  # another input size than the encoder's (modeling.finetune.set_image_size)
 
     def set_post_norm(self, post_norm: bool) -> None:
         native = self.vision_type == "siglip" and self.feature_layer == -1  # SigLIP's last_hidden_state is normed
@@ -193,7 +194,8 @@ class HFVisionEncoder(VisionEncoder):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         want_hidden = self.feature_layer != -1
-        out = self.model(pixel_values=pixel_values, output_hidden_states=want_hidden)
+        extra = {"interpolate_pos_encoding": True} if self.interpolate_pos_encoding else {}
+        out = self.model(pixel_values=pixel_values, output_hidden_states=want_hidden, **extra)
         features = out.hidden_states[self.feature_layer] if want_hidden else out.last_hidden_state
         features = features[:, 1:] if self.drop_cls else features
         return features if self.post_norm is None else self.post_norm(features)

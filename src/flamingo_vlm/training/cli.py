@@ -26,14 +26,19 @@ def build_model(config):
 
         return build_sharded_model(config, init_distributed(config.device))
 
+    from .finetune import apply_finetuning
+
     torch.manual_seed(config.seed)
     if config.init_from:
-        return load_flamingo(config.init_from, lm=config.lm, vision=config.vision, tokenizer=config.tokenizer,
-                             lm_kwargs=config.lm_kwargs or None, vision_kwargs=config.vision_kwargs or None)
-    if not config.lm or not config.vision:
+        model, processor = load_flamingo(config.init_from, lm=config.lm, vision=config.vision, tokenizer=config.tokenizer,
+                                         lm_kwargs=config.lm_kwargs or None, vision_kwargs=config.vision_kwargs or None)
+    elif not config.lm or not config.vision:
         raise ValueError("the config must name `lm` and `vision` backbones (or `init_from`, a saved Flamingo model)")
-    return build_flamingo(config.lm, config.vision, config.tokenizer, lm_kwargs=config.lm_kwargs or None,
-                          vision_kwargs=config.vision_kwargs or None, **config.flamingo)
+    else:
+        model, processor = build_flamingo(config.lm, config.vision, config.tokenizer, lm_kwargs=config.lm_kwargs or None,
+                                          vision_kwargs=config.vision_kwargs or None, **config.flamingo)
+    apply_finetuning(model, processor, config)  # fine-tuning: backbone parts trained, input size
+    return model, processor
 
 
 def prefetch_backbones(config) -> None:

@@ -32,6 +32,10 @@ _DERIVED_FLAMINGO_KEYS = {
 }
 
 
+# TrainConfig.lora keys -> FlamingoConfig fields
+LORA_KEYS = {"rank": "lora_rank", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules": "lora_target_modules"}
+
+
 @dataclass
 class DatasetConfig:
     """One dataset of the mixture.
@@ -155,6 +159,13 @@ class TrainConfig:
     tokenizer: str | None = None
     init_from: str | None = None  # a save_pretrained directory to start the bridge from
     flamingo: dict[str, Any] = field(default_factory=dict)  # FlamingoConfig overrides
+    # fine-tuning (paper section 3.2; flamingo_vlm.modeling.finetune): backbone weights trained with the bridge
+    # and saved with it. None / {} leaves the model as built or loaded (the bridge only, for a new one).
+    train_vision_blocks: int | None = None  # the vision encoder's last n blocks; -1: all of it
+    train_lm_layers: int | None = None  # the LM's last n decoder layers
+    lora: dict[str, Any] = field(default_factory=dict)  # {rank, alpha, dropout, target_modules}: LoRA on the LM (peft)
+    image_size: int | None = None  # the vision encoder's input size (position embeddings interpolated)
+    lr_multipliers: dict[str, float] = field(default_factory=dict)  # {vision, lm, lora}: lr of that part = lr * m
     lm_kwargs: dict[str, Any] = field(default_factory=dict)
     vision_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -193,6 +204,31 @@ class TrainConfig:
         hints = typing.get_type_hints(FlamingoConfig)
         self.flamingo = {k: coerce(v, hints[k], f"flamingo.{k}") for k, v in self.flamingo.items()}
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        unknown = sorted(set(self.lora) - set(LORA_KEYS))
+        if unknown:
+            raise ValueError(f"lora: unknown key(s) {unknown}; expected some of {sorted(LORA_KEYS)}")
+        from .optim import LR_PARTS
+
+        unknown = sorted(set(self.lr_multipliers) - set(LR_PARTS))
+        if unknown:
+            raise ValueError(f"lr_multipliers: unknown part(s) {unknown}; expected some of {sorted(LR_PARTS)}")
+        self.lr_multipliers = {k: float(v) for k, v in self.lr_multipliers.items()}
+        FlamingoConfig(**self.backbone_training())  # the same checks as the model's (ValueError naming the field)
+
+    def backbone_training(self) -> dict[str, Any]:
+        """The fine-tuning settings as FlamingoConfig fields (for ``FlamingoModel.set_backbone_training``)."""
+        changes: dict[str, Any] = {}
+        if self.train_vision_blocks is not None:
+            changes["train_vision_blocks"] = int(self.train_vision_blocks)
+        if self.train_lm_layers is not None:
+            changes["train_lm_layers"] = int(self.train_lm_layers)
+        if self.image_size is not None:
+            changes["vision_image_size"] = int(self.image_size)
+        for key, field_name in LORA_KEYS.items():
+            if key in self.lora:
+                value = self.lora[key]
+                changes[field_name] = tuple(value) if key == "target_modules" else value
+        return changes
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

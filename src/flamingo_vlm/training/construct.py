@@ -172,6 +172,9 @@ def build_sharded_model(config: TrainConfig, env: DistEnv):
         raise ValueError(
             "sharded construction builds a new bridge on `lm` and `vision` (local or hub safetensors); not init_from"
         )
+    if config.backbone_training():
+        raise ValueError("sharded construction builds a new bridge: fine-tuning settings (train_vision_blocks, train_lm_layers, "
+                         "lora, image_size) start from a trained one (init_from), without sharded_construction")
     if config.flamingo.get("vision_type") not in (None, "clip", "siglip"):
         raise ValueError("sharded construction reads transformers vision encoders (clip, siglip)")
     lm_dir, vision_dir = _resolve(config.lm), _resolve(config.vision)

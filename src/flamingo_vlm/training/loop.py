@@ -204,7 +204,7 @@ def train(
     params = [p for _, p in named]
     optimizer = build_optimizer(
         named, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps,
-        gate_lr_multiplier=config.gate_lr_multiplier,
+        gate_lr_multiplier=config.gate_lr_multiplier, lr_multipliers=config.lr_multipliers,
     )
     scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=config.steps, kind=config.schedule, min_lr_ratio=config.min_lr_ratio)
     trainer_state: dict = {}

@@ -18,7 +18,9 @@ def param_groups(named_params: list[tuple[str, nn.Parameter]], weight_decay: flo
     """AdamW groups from ``(flamingo name, parameter)`` pairs; each group keeps its ``names``."""
     decay, no_decay = [], []
     for name, p in named_params:
-        (decay if name.startswith("xattn.") and p.ndim >= 2 else no_decay).append((name, p))
+        # fine-tuned backbone matrices decay like the xattn blocks'; LoRA adapters do not (peft's default)
+        matrix = p.ndim >= 2 and name.startswith(("xattn.", "vision_encoder.", "lm_layers."))
+        (decay if matrix else no_decay).append((name, p))
     groups = []
     for members, wd in ((decay, weight_decay), (no_decay, 0.0)):
         if members:
@@ -44,6 +46,29 @@ def split_gates(groups: list[dict], lr: float, multiplier: float) -> list[dict]:
     return out
 
 
+# The parts of a fine-tuned model that may have their own learning rate (``lr_multipliers`` in TrainConfig),
+# by the prefix of their flamingo_state_dict names (flamingo_vlm.modeling.finetune); the rest is the bridge.
+LR_PARTS = {"vision": "vision_encoder.", "lm": "lm_layers.", "lora": "lora."}
+
+
+def split_parts(groups: list[dict], lr: float, multipliers: dict[str, float]) -> list[dict]:
+    """Move each backbone part named in ``multipliers`` ({"vision" | "lm" | "lora": m}) into groups of its
+    own with ``lr * m`` (the paper fine-tunes the vision encoder at a smaller learning rate than the rest)."""
+    unknown = sorted(set(multipliers) - set(LR_PARTS))
+    if unknown:
+        raise ValueError(f"lr_multipliers: unknown part(s) {unknown}; expected some of {sorted(LR_PARTS)}")
+    if not multipliers:
+        return groups
+    out = []
+    for group in groups:
+        part_of = [next((k for k, prefix in LR_PARTS.items() if n.startswith(prefix) and k in multipliers), None) for n in group["names"]]
+        for part in dict.fromkeys(part_of):
+            idx = [i for i, k in enumerate(part_of) if k == part]
+            extra = {} if part is None else {"lr": group.get("lr", lr) * multipliers[part]}
+            out.append({**group, **extra, "params": [group["params"][i] for i in idx], "names": [group["names"][i] for i in idx]})
+    return out
+
+
 def fused_adamw_supported(params: list[torch.Tensor]) -> bool:
     """Whether torch's fused AdamW kernel takes these parameters: floating point, all on CPU or all on CUDA."""
     devices = {p.device.type for p in params}
@@ -52,7 +77,7 @@ def fused_adamw_supported(params: list[torch.Tensor]) -> bool:
 
 def build_optimizer(
     named_params: list[tuple[str, nn.Parameter]], *, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8,
-    gate_lr_multiplier: float = 1.0, fused: bool | None = None,
+    gate_lr_multiplier: float = 1.0, fused: bool | None = None, lr_multipliers: dict[str, float] | None = None,
 ) -> torch.optim.AdamW:
     """AdamW with the groups above. ``fused`` (default: wherever supported) runs torch's one-pass kernel:
     the same update as the per-tensor loop up to rounding, several times faster on CPU (benchmarks/RESULTS.md),
@@ -61,7 +86,7 @@ def build_optimizer(
         raise ValueError("the model has no trainable parameters")
     if fused is None:
         fused = fused_adamw_supported([p for _, p in named_params])
-    groups = split_gates(param_groups(named_params, weight_decay), lr, gate_lr_multiplier)
+    groups = split_parts(split_gates(param_groups(named_params, weight_decay), lr, gate_lr_multiplier), lr, dict(lr_multipliers or {}))
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
 
 

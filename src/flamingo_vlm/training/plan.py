@@ -189,6 +189,7 @@ def build_meta_model(config: TrainConfig, *, with_processor: bool = False, bridg
     import torch
 
     from ..builder import build_flamingo
+    from .finetune import apply_finetuning
 
     lm, vision = config.lm, config.vision
     if config.init_from and (not lm or not vision):
@@ -201,6 +202,7 @@ def build_meta_model(config: TrainConfig, *, with_processor: bool = False, bridg
         encoder = _meta_vision(config, vision)
     with torch.device(bridge_device):
         model, processor = build_flamingo(lm_model, encoder, config.tokenizer or lm, **config.flamingo)
+        apply_finetuning(model, processor, config)
     return (model, processor) if with_processor else model
 
 
