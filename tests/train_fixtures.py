@@ -99,3 +99,23 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def instruct_shards(root: Path, num_shards: int = 2, per_shard: int = 8) -> list[str]:
+    """Instruction JSONL files (flamingo_vlm.data.instruct): a colour image, a question, its answer."""
+    import json
+
+    root.mkdir(parents=True, exist_ok=True)
+    names = ["red", "green", "blue", "white"]
+    paths = []
+    for s in range(num_shards):
+        lines = []
+        for i in range(per_shard):
+            n = s * per_shard + i
+            colour_image(n).save(root / f"img{n}.png")
+            items = [{"image": f"img{n}.png"}, "Question: which colour? Answer:"]
+            lines.append(json.dumps({"items": items, "answer": f" {names[n % 4]} number {n % 3}", "id": n}))
+        path = root / f"train-{s}.jsonl"
+        path.write_text("\n".join(lines) + "\n")
+        paths.append(str(path))
+    return paths
