@@ -224,3 +224,11 @@ def test_a_higher_input_resolution_is_used_and_saved_with_the_processor(backbone
         )
     with pytest.raises(ValueError, match="multiple of the encoder's patch size"):
         model.set_backbone_training(vision_image_size=new + 1)
+
+
+def test_a_resolution_the_resamplers_spatial_positions_cannot_take_is_refused(backbones):
+    lm_path, vision_path = backbones
+    model, _ = build_flamingo(lm_path, vision_path, **{**SMALL_BRIDGE, "resampler_spatial_positions": 16})
+    with pytest.raises(ValueError, match="learned spatial positions"):
+        model.set_backbone_training(vision_image_size=48)
+    assert model.config.vision_image_size is None and model.vision_encoder.preprocessing.image_size == 32

@@ -86,7 +86,11 @@ def backbone_state(model) -> dict[str, nn.Parameter]:
         if config.train_vision_blocks < 0:
             state.update({f"vision_encoder.{k}": p for k, p in params.items()})
         else:
-            blocks = [(prefix, b) for prefix, b in vision_blocks(model.vision_encoder) if any(k.startswith(prefix + ".") for k in params)]
+            blocks = [
+                (prefix, b)
+                for prefix, b in vision_blocks(model.vision_encoder)
+                if any(k.startswith(prefix + ".") for k in params)
+            ]
             for prefix, _ in blocks[-config.train_vision_blocks :]:
                 state.update({f"vision_encoder.{k}": p for k, p in params.items() if k.startswith(prefix + ".")})
     layers = _inner_layers(model)
@@ -110,9 +114,13 @@ def _lora_config(model):
 
         model_type = model.lm.config.get_text_config().model_type
         if model_type not in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
-            raise ValueError(f"peft has no default LoRA target modules for a {model_type!r} LM: set lora_target_modules")
+            raise ValueError(
+                f"peft has no default LoRA target modules for a {model_type!r} LM: set lora_target_modules"
+            )
         targets = list(TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type])
-    return LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=targets)
+    return LoraConfig(
+        r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, target_modules=targets
+    )
 
 
 def _inject_lora(model) -> None:
@@ -137,7 +145,9 @@ def set_image_size(encoder: nn.Module, image_size: int) -> None:
     hf = getattr(encoder, "model", None)
     config = getattr(hf, "config", None)
     if encoder.vision_type not in ("clip", "siglip") or config is None:
-        raise ValueError(f"vision_image_size: only transformers CLIP/SigLIP encoders interpolate position embeddings, not {encoder.vision_type!r}")
+        raise ValueError(
+            f"vision_image_size: only transformers CLIP/SigLIP encoders interpolate position embeddings, not {encoder.vision_type!r}"
+        )
     patch = int(config.patch_size)
     if image_size < patch or image_size % patch:
         raise ValueError(f"vision_image_size={image_size} must be a multiple of the encoder's patch size {patch}")
@@ -154,7 +164,21 @@ def apply_backbone_training(model) -> None:
     if config.lora_rank:
         _inject_lora(model)
     if config.vision_image_size is not None:
-        set_image_size(model.vision_encoder, config.vision_image_size)
+        spatial = getattr(model.resampler, "spatial_embeddings", None)
+        encoder = model.vision_encoder
+        if spatial is not None and hasattr(
+            getattr(encoder, "model", None), "config"
+        ):  # checked before anything changes
+            patch = int(encoder.model.config.patch_size)
+            features = (config.vision_image_size // patch) ** 2 + int(
+                encoder.vision_type == "clip" and not encoder.drop_cls
+            )
+            if spatial.shape[0] != features:
+                raise ValueError(
+                    f"vision_image_size={config.vision_image_size} gives {features} features per image, but the resampler has "
+                    f"{spatial.shape[0]} learned spatial positions (resampler_spatial_positions): keep the encoder's size"
+                )
+        set_image_size(encoder, config.vision_image_size)
     for p in backbone_state(model).values():
         p.requires_grad_(True)
 
@@ -185,6 +209,11 @@ def frozen_parameters(model) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 __all__ = [
-    "apply_backbone_training", "backbone_state", "frozen_parameters", "merge_lora",
-    "set_image_size", "trained_backbone_summary", "vision_blocks",
+    "apply_backbone_training",
+    "backbone_state",
+    "frozen_parameters",
+    "merge_lora",
+    "set_image_size",
+    "trained_backbone_summary",
+    "vision_blocks",
 ]

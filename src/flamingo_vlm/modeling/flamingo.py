@@ -188,8 +188,12 @@ class FlamingoModel(nn.Module):
                 f"{current.train_lm_layers}): they must stay in what is trained and saved (asked: {vision}, {layers})"
             )
         self.config = dataclasses.replace(current, **changes)
-        self._remember_lm_signature()
-        apply_backbone_training(self)
+        try:
+            self._remember_lm_signature()
+            apply_backbone_training(self)
+        except Exception:
+            self.config = current  # refused settings leave the model's description as it was
+            raise
         return self
 
     def _remember_lm_signature(self) -> None:
