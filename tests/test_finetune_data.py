@@ -134,3 +134,27 @@ def test_a_vqa_training_split_becomes_records_with_the_eval_prompt(tiny, tmp_pat
     assert len([i for i in zero["items"] if isinstance(i, dict)]) == 1
     with pytest.raises(ValueError, match="shots need more than"):
         next(task_records(task, shots=len(pool)))
+
+
+def test_flamingo_eval_writes_the_training_splits_without_a_model(tmp_path, capsys):
+    import yaml
+    from eval_fixtures import write_vqa
+
+    from flamingo_vlm.cli import main
+
+    files = write_vqa(tmp_path / "vqa")
+    task = {
+        "type": "vqav2",
+        "name": "vqa",
+        "questions_json": str(files["val_q"]),
+        "annotations_json": str(files["val_a"]),
+        "image_dir": str(files["image_dir"]),
+        "support_questions_json": str(files["train_q"]),
+        "support_annotations_json": str(files["train_a"]),
+    }
+    config = tmp_path / "eval.yaml"
+    config.write_text(yaml.safe_dump({"tasks": [task], "shots": [1, 4], "seeds": [5]}))
+    assert main(["eval", str(config), "--write-train-data", str(tmp_path / "out")]) == 0
+    records = [json.loads(line) for line in (tmp_path / "out" / "vqa.jsonl").read_text().splitlines()]
+    assert records and all(sum(isinstance(i, dict) for i in r["items"]) == 2 for r in records)  # 1 shot + the query
+    assert "vqa: " in capsys.readouterr().out
