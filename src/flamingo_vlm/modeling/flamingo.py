@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import os
 from collections.abc import Iterator
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,8 +17,8 @@ from torch import nn
 from ..config import FlamingoConfig
 from .backbones import check_lm_signature, lm_signature, load_backbones, paths_after_loading, paths_for_saving, write_lm_signature
 from .card import push_to_hub, write_model_card
-from .finetune import apply_backbone_training, backbone_state
 from .context import NO_MEDIA, MediaContext, MediaKV, StepMedia
+from .finetune import apply_backbone_training, backbone_state
 from .lm import (
     CONTEXT_KWARG,
     STEP_MEDIA_KWARG,

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..modeling.finetune import vision_blocks
 from ..modeling.lm import FlamingoDecoderLayer, find_decoder_layers
 
 logger = logging.getLogger(__name__)
@@ -157,12 +158,8 @@ def apply_compile(model, backend: str = "inductor", *, vision: bool = False) -> 
 
 
 def _vision_blocks(encoder: nn.Module) -> list[nn.Module]:
-    """The vision encoder's longest ModuleList of one layer type (its transformer blocks), if any."""
-    best: list[nn.Module] = []
-    for module in encoder.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > len(best) and len({type(m) for m in module}) == 1:
-            best = list(module)
-    return best
+    """The vision encoder's transformer blocks (its longest ModuleList of one layer type), if any."""
+    return [block for _, block in vision_blocks(encoder)]
 
 
 def device_mesh_shape(strategy: str, world_size: int, shard_size: int | None = None) -> tuple[int, ...]:
