@@ -23,6 +23,8 @@ OPERATIONAL_KEYS = frozenset({
     # how the processes share the work: a checkpoint resumes on another layout or world size
     "distributed", "shard_size", "frozen_sharding", "reduce_every_micro_step", "sharded_construction", "async_checkpoint",
     "count_communication",
+    # a run may be extended or stopped early (under a cosine schedule the rate follows the new total from there)
+    "steps",
 })
 # What a directory written by a run holds (anything else in a non-empty directory: not ours to delete).
 RUN_ENTRIES = frozenset({RUN_CONFIG_NAME, "metrics.jsonl", "checkpoints", "final", "tensorboard", "results.json"})
