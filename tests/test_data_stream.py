@@ -191,3 +191,25 @@ def test_resume_with_two_workers_continues_exactly(processor, shards):
     assert first + rest == straight
     one, _ = global_batches(processor, shards, world_size=1, steps=9)
     assert straight == one
+
+
+def test_a_two_process_checkpoint_resumes_on_three_through_the_mixture(processor, shards):
+    """The trainer's path: each rank's Mixture.state_dict merged as train() saves it, then read by 3 ranks."""
+    from flamingo_vlm.training.loop import _merge_data_states
+
+    datasets = [DatasetConfig(name="p", format="pairs", paths=shards[:2], batch_size=6, shuffle_buffer=5)]  # lanes: the default
+
+    def run(world, steps, state=None):
+        ranks = [Mixture(datasets, processor, rank=r, world_size=world, state=state) for r in range(world)]
+        out = [[k for m in ranks for k in keys(m.next_samples(step)[0][1])] for step in range(steps)]
+        merged = _merge_data_states([m.state_dict() for m in ranks])
+        for m in ranks:
+            m.close()
+        return out, merged
+
+    straight, _ = run(2, 6)  # 2 lanes (one per process, one shard each); 2 steps = an epoch of the 12 records
+    assert sorted(k for b in straight[2:4] for k in b) == sorted(f"pairs{i:05d}" for i in range(12))
+    _, saved = run(2, 3)  # mid-epoch
+    assert saved["p"]["lanes"] == 2
+    rest, _ = run(3, 3, saved)  # 2 lanes on 3 processes: no record lost or repeated, the same order
+    assert rest == straight[3:]

@@ -47,7 +47,8 @@ class DatasetConfig:
     similarity threshold. min_image_size / max_aspect_ratio: document image filter (paper: 64 px, 3).
     p_next: probability per document that text attaches to the next image. image_dir: where MMC4
     jsonl / OBELICS image files are. lanes: independent readers (see flamingo_vlm.data.stream); fix it
-    to keep the data order when the number of processes or workers changes.
+    to keep the data order when the number of workers changes. shuffle_buffer: records each lane draws
+    its next one from (across shard boundaries).
     """
 
     name: str
