@@ -73,6 +73,16 @@ def test_resume_from_lane_states_continues_exactly(processor, shards):
     assert rest == straight[4:]
 
 
+def test_resume_within_a_shard_shared_by_lanes_continues_exactly(processor, shards):
+    straight, _ = global_batches(processor, shards[:1], world_size=1, steps=8, lanes=2, batch_size=2)
+    for cut in (1, 2, 4):
+        _, states = global_batches(processor, shards[:1], world_size=1, steps=cut, lanes=2, batch_size=2)
+        assert all(s.buffer for s in states.values())  # mid-epoch: records wait in the buffers
+        rest, _ = global_batches(processor, shards[:1], world_size=2, steps=8 - cut, lanes=2, batch_size=2,
+                                 states={lane: LaneState.from_dict(s.to_dict()) for lane, s in states.items()})
+        assert rest == straight[cut:], cut
+
+
 def test_fewer_shards_than_lanes_split_records_by_stride(processor, shards):
     spec = StreamSpec("pairs", tuple(shards[:1]), lanes=4)
     assert [spec.lane_shards(lane) for lane in range(4)] == [[(shards[0], 4, k)] for k in range(4)]
