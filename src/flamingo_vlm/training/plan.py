@@ -352,6 +352,6 @@ def dry_run(config: TrainConfig, world_size: int, print_fn=print) -> Estimate:
     return result
 
 
-__all__ = ["Estimate", "build_meta_model", "check_launch", "check_output_dir", "check_shared_output_dir", "data_workers", "dry_run", "estimate",
+__all__ = ["Estimate", "build_meta_model", "check_launch", "check_output_dir", "check_shared_output_dir", "data_workers", "dry_run", "estimate", "pin_memory",
            "world_size_from_env"]
 
