@@ -18,7 +18,7 @@ from typing import Any
 RUN_CONFIG_NAME = "run_config.json"
 # Keys that change how a run is carried out or reported, not what it trains: they may differ on resume.
 OPERATIONAL_KEYS = frozenset({
-    "output_dir", "resume", "log_every", "tensorboard", "checkpoint_every", "keep_last", "save_final", "num_workers",
+    "output_dir", "resume", "log_every", "tensorboard", "checkpoint_every", "keep_last", "save_final", "num_workers", "pin_memory",
     "prefetch_factor", "device", "compile", "compile_backend", "gradient_checkpointing",
     # how the processes share the work: a checkpoint resumes on another layout or world size
     "distributed", "shard_size", "frozen_sharding", "reduce_every_micro_step", "sharded_construction", "async_checkpoint",
