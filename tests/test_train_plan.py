@@ -151,7 +151,7 @@ BASE = {
     "overrides, world, message",
     [
         ([], 3, r"dataset 'docs': batch_size=8 \(global\) is not divisible by the 3 processes"),
-        ([], 8, r"dataset 'pairs': lanes=4 must be a multiple of the number of processes \(8\)"),
+        (["datasets.1.lanes=32"], 8, r"dataset 'pairs': lanes=32 must divide batch_size=16"),
         (
             ["distributed=hsdp", "shard_size=8"],
             4,
@@ -160,7 +160,7 @@ BASE = {
         (
             ["datasets.1.lanes=3"],
             1,
-            r"lanes=3 must be a multiple of the number of processes \(1\) and divide batch_size=16",
+            r"dataset 'pairs': lanes=3 must divide batch_size=16",
         ),
     ],
 )
@@ -171,7 +171,7 @@ def test_world_size_rules(tmp_path, overrides, world, message):
 
 
 def test_all_problems_are_listed_at_once(tmp_path):
-    cfg = load_train_config(BASE, [f"output_dir={tmp_path / 'run'}"])
+    cfg = load_train_config(BASE, [f"output_dir={tmp_path / 'run'}", "datasets.1.lanes=32"])
     with pytest.raises(ValueError) as e:
         plan.check_launch(cfg, 16)
     assert "dataset 'docs'" in str(e.value) and "dataset 'pairs'" in str(e.value)
@@ -194,14 +194,19 @@ def test_resume_checks_the_checkpoints_lanes(tmp_path):
     (ckpt / "trainer_state.json").write_text(json.dumps({"step": 4, "data": {"docs": {"lanes": 4, "states": {}}}}))
     cfg = load_train_config(BASE, [f"output_dir={tmp_path / 'run'}", "resume=true"])
     plan.check_launch(cfg, 2)  # the checkpoint's 4 lanes split over 2 processes
-    # at 8 processes the default would be 8 lanes, but the run continues with the checkpoint's 4
+    # at 8 processes the default would be 8 lanes, but the run continues with the checkpoint's 4, two
+    # processes reading each (4 is not a multiple of 8: allowed, and said)
+    lines = plan.check_launch(load_train_config(BASE, [f"output_dir={tmp_path / 'run'}", "resume=true"]), 8)
+    assert lines[0] == ("docs: global batch 8 = 8 processes x 1 (1 micro-batches of up to 1), 4 lanes "
+                        "(4 read by two or more processes: a multiple of 8 lanes avoids that)")
+    assert lines[1].endswith("4 lanes (4 read by two or more processes: a multiple of 8 lanes avoids that)")
     plan.check_launch(load_train_config(BASE, [f"output_dir={tmp_path / 'run'}", "datasets.1.lanes=8"]), 8)
     with pytest.raises(
         ValueError,
-        match=r"dataset 'docs': lanes=4 must be a multiple .* \(lanes 4 from the checkpoint .*step-00000004\)",
+        match=r"dataset 'docs': lanes=4 must divide batch_size=6 \(lanes 4 from the checkpoint .*step-00000004\)",
     ):
         plan.check_launch(
-            load_train_config(BASE, [f"output_dir={tmp_path / 'run'}", "resume=true", "datasets.1.lanes=8"]), 8
+            load_train_config(BASE, [f"output_dir={tmp_path / 'run'}", "resume=true", "datasets.0.batch_size=6"]), 2
         )
 
 
@@ -257,3 +262,15 @@ def test_an_output_dir_that_is_not_shared_fails_at_the_start(tmp_path):
     with pytest.raises(ValueError, match=r"is not shared: process\(es\) \[1\] do not see what rank 0 wrote"):
         plan.check_shared_output_dir(tmp_path, FakeEnv())
     assert list(tmp_path.iterdir()) == []  # the token file is removed
+
+
+def test_data_loading_defaults_follow_the_device(tmp_path):
+    cfg = load_train_config(BASE, [f"output_dir={tmp_path / 'run'}"])
+    assert cfg.num_workers is None and cfg.pin_memory is None
+    assert (plan.data_workers(cfg, "cuda"), plan.pin_memory(cfg, "cuda")) == (plan.GPU_NUM_WORKERS, True)
+    assert (plan.data_workers(cfg, "cpu"), plan.pin_memory(cfg, "cpu")) == (0, False)
+    assert plan.data_workers(load_train_config(BASE, [f"output_dir={tmp_path}", "device=cuda:1"])) == plan.GPU_NUM_WORKERS
+    # the default lanes follow the workers: 2 processes x 2 workers on GPUs
+    assert plan.dataset_lanes(cfg, 2, "cuda")["docs"] == 4 and plan.dataset_lanes(cfg, 2, "cpu")["docs"] == 2
+    chosen = load_train_config(BASE, [f"output_dir={tmp_path / 'run'}", "num_workers=3", "pin_memory=false"])
+    assert (plan.data_workers(chosen, "cuda"), plan.pin_memory(chosen, "cuda")) == (3, False)

@@ -105,7 +105,7 @@ class Mixture:
             if saved and saved["lanes"] != lanes:
                 raise ValueError(f"dataset {cfg.name!r}: the checkpoint was written with lanes={saved['lanes']}, the config asks for {lanes}")
             states = {int(k): LaneState.from_dict(v) for k, v in (saved or {}).get("states", {}).items()}
-            spec = StreamSpec(cfg.name, tuple(shards), lanes, seed=seed, shuffle=cfg.shuffle, shuffle_block=cfg.shuffle_block)
+            spec = StreamSpec(cfg.name, tuple(shards), lanes, seed=seed, shuffle=cfg.shuffle, shuffle_buffer=cfg.shuffle_buffer)
             fmt = make_format(cfg, layout, processor.image_transform, shards, data_root, processor=processor)
             self.streams.append(
                 DatasetStream(spec, fmt, batch_size=cfg.batch_size, rank=rank, world_size=world_size, num_workers=workers,

@@ -52,7 +52,8 @@ class DatasetConfig:
     similarity threshold. min_image_size / max_aspect_ratio: document image filter (paper: 64 px, 3).
     p_next: probability per document that text attaches to the next image. image_dir: where MMC4
     jsonl / OBELICS image files are. lanes: independent readers (see flamingo_vlm.data.stream); fix it
-    to keep the data order when the number of processes or workers changes.
+    to keep the data order when the number of workers changes. shuffle_buffer: records each lane draws
+    its next one from (across shard boundaries).
     """
 
     name: str
@@ -74,7 +75,7 @@ class DatasetConfig:
     micro_batch_size: int | None = None
     lanes: int | None = None
     shuffle: bool = True
-    shuffle_block: int = 256
+    shuffle_buffer: int = 1000  # records; the buffer spans shards (flamingo_vlm.data.stream)
     num_workers: int | None = None
 
     def __post_init__(self) -> None:
@@ -88,7 +89,7 @@ class DatasetConfig:
         self.paths = [str(p) for p in self.paths]
         if not self.paths:
             raise ValueError(f"{where}: paths is empty")
-        for key in ("batch_size", "max_images", "num_frames", "shuffle_block"):
+        for key in ("batch_size", "max_images", "num_frames", "shuffle_buffer"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{where}: {key} must be >= 1, got {getattr(self, key)}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
@@ -140,7 +141,10 @@ class TrainConfig:
     device: str | None = None  # default: cuda:<local rank> if available, else cpu
     # data loading
     seed: int = 0
-    num_workers: int = 0  # DataLoader workers per dataset and process; 0 decodes in the training process
+    # DataLoader workers per dataset and process (0 decodes in the training process); None: 2 where a GPU
+    # is used, 0 on the CPU
+    num_workers: int | None = None
+    pin_memory: bool | None = None  # page-locked batches, copied to the GPU asynchronously; None: on with a GPU
     prefetch_factor: int = 2
     data_root: str | None = None  # relative dataset paths / image_dir are taken from here
     # outputs
@@ -181,7 +185,7 @@ class TrainConfig:
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         for key in ("warmup_steps", "checkpoint_every", "keep_last", "num_workers"):
-            if getattr(self, key) < 0:
+            if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.log_every < 1:
             raise ValueError("log_every must be >= 1")

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
-from .distributed import DTYPES, DistEnv, apply_activation_checkpointing, apply_compile, cast_frozen, shard_model
+from .distributed import DistEnv, apply_training_layout
 
 logger = logging.getLogger(__name__)
 
@@ -183,15 +183,7 @@ def build_sharded_model(config: TrainConfig, env: DistEnv):
     # the bridge (parameters and buffers) is what was built on the CPU; its values are kept here
     bridge = {n: t.detach() for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type != "meta"}
     model.to("meta")
-    if config.frozen_dtype is not None:
-        cast_frozen(model, DTYPES[config.frozen_dtype])
-    if config.gradient_checkpointing:
-        apply_activation_checkpointing(model)
-    if config.compile:
-        apply_compile(model, config.compile_backend)
-    if env.distributed:
-        shard_model(model, env, config.distributed, frozen=config.frozen_sharding, precision=config.precision,
-                    shard_size=config.shard_size)
+    apply_training_layout(model, config, env)
     model.to_empty(device=env.device)
     with torch.no_grad():
         tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}

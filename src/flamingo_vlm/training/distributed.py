@@ -216,11 +216,8 @@ def set_gradient_sync(model, enabled: bool) -> None:
         model.set_requires_gradient_sync(enabled)
 
 
-def prepare_model(model, config, env: DistEnv):
-    """Frozen dtype, activation checkpointing, compile, then FSDP2 (several processes) or a device move
-    (nothing for a model ``build_sharded_model`` already built that way)."""
-    if getattr(model, "_flamingo_prepared", False):
-        return model
+def apply_training_layout(model, config, env: DistEnv) -> None:
+    """Frozen dtype, activation checkpointing, compile, then FSDP2 when there are several processes."""
     if config.frozen_dtype is not None:
         cast_frozen(model, DTYPES[config.frozen_dtype])
     if config.gradient_checkpointing:
@@ -230,7 +227,15 @@ def prepare_model(model, config, env: DistEnv):
     if env.distributed:
         shard_model(model, env, config.distributed, frozen=config.frozen_sharding, precision=config.precision,
                     shard_size=config.shard_size)
-    else:
+
+
+def prepare_model(model, config, env: DistEnv):
+    """:func:`apply_training_layout`, then a device move in one process (nothing for a model
+    ``build_sharded_model`` already built that way)."""
+    if getattr(model, "_flamingo_prepared", False):
+        return model
+    apply_training_layout(model, config, env)
+    if not env.distributed:
         model.to(env.device)
     return model
 

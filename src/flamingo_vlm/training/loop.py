@@ -36,7 +36,7 @@ from .config import TrainConfig, load_train_config
 from .distributed import DistEnv, autocast_context, full_tensor, init_distributed, prepare_model, set_gradient_sync
 from .metrics import MetricsLogger
 from .optim import build_optimizer, build_scheduler
-from .plan import check_launch, check_shared_output_dir
+from .plan import check_launch, check_shared_output_dir, data_workers, pin_memory
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +63,15 @@ class DatasetBatch:
     num_targets: int  # target tokens of this dataset's *global* batch this step
 
 
-def micro_batches(samples: list[Sample], size: int | None, *, pad_token_id: int, media_token_id: int) -> list[dict]:
+def micro_batches(samples: list[Sample], size: int | None, *, pad_token_id: int, media_token_id: int,
+                  pin_memory: bool = False) -> list[dict]:
+    """Collated micro-batches of ``size`` samples; ``pin_memory``: their tensors page-locked, so that the
+    copies to the GPU (``non_blocking``) overlap the computation."""
     size = size or len(samples)
-    return [collate(samples[i : i + size], pad_token_id=pad_token_id, media_token_id=media_token_id) for i in range(0, len(samples), size)]
+    batches = [collate(samples[i : i + size], pad_token_id=pad_token_id, media_token_id=media_token_id) for i in range(0, len(samples), size)]
+    if pin_memory:
+        batches = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+    return batches
 
 
 def forward_backward(model, parts: list[DatasetBatch], *, device: torch.device, precision: str = "fp32", world_size: int = 1,
@@ -103,7 +109,7 @@ def take_step_batches(mixture: Mixture, step: int, config: TrainConfig, env: Dis
     parts = [
         DatasetBatch(d, config.datasets[d].loss_weight,
                      micro_batches(samples, config.datasets[d].micro_batch_size, pad_token_id=mixture.pad_token_id,
-                                   media_token_id=mixture.media_token_id), 0)
+                                   media_token_id=mixture.media_token_id, pin_memory=pin_memory(config, env.device.type)), 0)
         for d, samples in mixture.next_samples(step)
     ]
     targets = torch.tensor([float(sum(b["num_targets"] for b in p.micro)) for p in parts], dtype=torch.float64, device=env.device)
@@ -190,7 +196,7 @@ def train(
     if not isinstance(config, TrainConfig):
         config = load_train_config(config)
     env = init_distributed(config.device)
-    check_launch(config, env.world_size)  # every world-size rule, before the model is prepared
+    check_launch(config, env.world_size, env.device.type)  # every world-size rule, before the model is prepared
     torch.manual_seed(config.seed)
     output_dir = Path(config.output_dir)
     if env.is_main:
@@ -217,7 +223,7 @@ def train(
 
     mixture = Mixture(
         config.datasets, processor, strategy=config.mixture, seed=config.seed, rank=env.rank, world_size=env.world_size,
-        num_workers=config.num_workers, prefetch_factor=config.prefetch_factor, data_root=config.data_root,
+        num_workers=data_workers(config, env.device.type), prefetch_factor=config.prefetch_factor, data_root=config.data_root,
         state=trainer_state.get("data"),
     )
     log = MetricsLogger(output_dir, enabled=env.is_main, total_steps=config.steps, start_step=start, progress=progress,

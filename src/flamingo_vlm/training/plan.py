@@ -24,7 +24,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data.stream import check_lanes, default_lanes
+import torch
+
+from ..data.stream import check_lanes, default_lanes, shared_lanes
 from .checkpoint import CHECKPOINTS_DIR
 from ..config import CONFIG_NAME
 from .config import TrainConfig
@@ -40,11 +42,37 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def dataset_lanes(config: TrainConfig, world_size: int) -> dict[str, int]:
+GPU_NUM_WORKERS = 2  # DataLoader workers per dataset and process by default where a GPU is used
+
+
+def _device_type(config: TrainConfig, device_type: str | None) -> str:
+    if device_type is not None:
+        return device_type
+    if config.device:
+        return torch.device(config.device).type
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def data_workers(config: TrainConfig, device_type: str | None = None) -> int:
+    """``num_workers``, or by default ``GPU_NUM_WORKERS`` on a GPU (decoding off the training process)
+    and 0 on the CPU (where the workers would take the cores the model computes on)."""
+    if config.num_workers is not None:
+        return config.num_workers
+    return GPU_NUM_WORKERS if _device_type(config, device_type) == "cuda" else 0
+
+
+def pin_memory(config: TrainConfig, device_type: str | None = None) -> bool:
+    """``pin_memory``, or by default whether a GPU is used (page-locked batches copy asynchronously)."""
+    if config.pin_memory is not None:
+        return config.pin_memory
+    return _device_type(config, device_type) == "cuda"
+
+
+def dataset_lanes(config: TrainConfig, world_size: int, device_type: str | None = None) -> dict[str, int]:
     """Each dataset's lanes at this world size: the configured number, or the default for it."""
     out = {}
     for d in config.datasets:
-        workers = d.num_workers if d.num_workers is not None else config.num_workers
+        workers = d.num_workers if d.num_workers is not None else data_workers(config, device_type)
         if d.lanes is not None:
             out[d.name] = d.lanes
         else:
@@ -94,14 +122,14 @@ def check_output_dir(config: TrainConfig) -> list[str]:
     return []
 
 
-def check_launch(config: TrainConfig, world_size: int) -> list[str]:
+def check_launch(config: TrainConfig, world_size: int, device_type: str | None = None) -> list[str]:
     """Every rule that depends on ``world_size`` and the output directory; ValueError listing each broken
     one (all of them, not only the first). Returns one line per dataset describing how it is split."""
     if world_size < 1:
         raise ValueError(f"world size must be >= 1, got {world_size}")
     problems: list[str] = []
     lines: list[str] = []
-    lanes = dataset_lanes(config, world_size)
+    lanes = dataset_lanes(config, world_size, device_type)
     checkpoint, saved = _saved_lanes(config)
     for d in config.datasets:
         n = saved.get(d.name, lanes[d.name]) if d.lanes is None else lanes[d.name]
@@ -116,8 +144,10 @@ def check_launch(config: TrainConfig, world_size: int) -> list[str]:
         per_rank = d.batch_size // world_size
         micro = min(d.micro_batch_size or per_rank, per_rank)
         count = -(-per_rank // micro)  # every process runs as many (the last one may be smaller)
+        shared = shared_lanes(n, d.batch_size, world_size)
+        note = f" ({shared} read by two or more processes: a multiple of {world_size} lanes avoids that)" if shared else ""
         lines.append(f"{d.name}: global batch {d.batch_size} = {world_size} processes x {per_rank} "
-                     f"({count} micro-batches of up to {micro}), {n} lanes")
+                     f"({count} micro-batches of up to {micro}), {n} lanes{note}")
     try:
         mesh_shape(config, world_size)
     except ValueError as e:
@@ -324,6 +354,6 @@ def dry_run(config: TrainConfig, world_size: int, print_fn=print) -> Estimate:
     return result
 
 
-__all__ = ["Estimate", "build_meta_model", "check_launch", "check_output_dir", "check_shared_output_dir", "dry_run", "estimate",
+__all__ = ["Estimate", "build_meta_model", "check_launch", "check_output_dir", "check_shared_output_dir", "data_workers", "dry_run", "estimate", "pin_memory",
            "world_size_from_env"]
 

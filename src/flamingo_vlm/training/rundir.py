@@ -18,11 +18,13 @@ from typing import Any
 RUN_CONFIG_NAME = "run_config.json"
 # Keys that change how a run is carried out or reported, not what it trains: they may differ on resume.
 OPERATIONAL_KEYS = frozenset({
-    "output_dir", "resume", "log_every", "tensorboard", "checkpoint_every", "keep_last", "save_final", "num_workers",
+    "output_dir", "resume", "log_every", "tensorboard", "checkpoint_every", "keep_last", "save_final", "num_workers", "pin_memory",
     "prefetch_factor", "device", "compile", "compile_backend", "gradient_checkpointing",
     # how the processes share the work: a checkpoint resumes on another layout or world size
     "distributed", "shard_size", "frozen_sharding", "reduce_every_micro_step", "sharded_construction", "async_checkpoint",
     "count_communication",
+    # a run may be extended or stopped early (under a cosine schedule the rate follows the new total from there)
+    "steps",
 })
 # What a directory written by a run holds (anything else in a non-empty directory: not ours to delete).
 RUN_ENTRIES = frozenset({RUN_CONFIG_NAME, "metrics.jsonl", "checkpoints", "final", "tensorboard", "results.json"})
