@@ -232,3 +232,23 @@ def test_a_resolution_the_resamplers_spatial_positions_cannot_take_is_refused(ba
     with pytest.raises(ValueError, match="learned spatial positions"):
         model.set_backbone_training(vision_image_size=48)
     assert model.config.vision_image_size is None and model.vision_encoder.preprocessing.image_size == 32
+
+
+@pytest.mark.parametrize("policy", [{"train_lm_layers": 1}, {"train_vision_blocks": 1}, {"lora_rank": 2}], ids=str)
+def test_bf16_frozen_backbones_around_trained_layers_train_under_autocast_and_are_refused_without(backbones, policy):
+    from flamingo_vlm.training.distributed import autocast_context, cast_frozen, check_mixed_backbone
+
+    lm_path, vision_path = backbones
+    model, processor = build_flamingo(lm_path, vision_path, **SMALL_BRIDGE)
+    model.set_backbone_training(**policy)
+    if "lora_rank" in policy:
+        check_mixed_backbone(model.config, "bf16", "fp32")  # LoRA casts its own inputs
+    else:
+        with pytest.raises(ValueError, match="needs precision: bf16"):
+            check_mixed_backbone(model.config, "bf16", "fp32")
+    cast_frozen(model, torch.bfloat16)
+    assert all(p.dtype == torch.float32 for _, p in model.trainable_parameters())
+    with autocast_context("bf16", torch.device("cpu")):
+        loss = model(**_batch(processor)).loss
+    loss.backward()
+    assert all(p.grad is not None for n, p in model.trainable_parameters() if ".lora_A." not in n)

@@ -216,9 +216,22 @@ def set_gradient_sync(model, enabled: bool) -> None:
         model.set_requires_gradient_sync(enabled)
 
 
+def check_mixed_backbone(flamingo_config, frozen_dtype: str, precision: str) -> None:
+    """ValueError when frozen backbone weights would be stored in ``frozen_dtype`` around trained backbone layers
+    (fp32) without autocast: a trained vision block or LM layer would get bf16 inputs (or hand fp32 on to a bf16
+    layer). LoRA adapters cast their own inputs and need nothing."""
+    if frozen_dtype != "fp32" and precision != "bf16" and (flamingo_config.train_vision_blocks or flamingo_config.train_lm_layers):
+        raise ValueError(
+            f"frozen_dtype: {frozen_dtype} with trained backbone parts (train_vision_blocks={flamingo_config.train_vision_blocks}, "
+            f"train_lm_layers={flamingo_config.train_lm_layers}) needs precision: bf16 (autocast): the trained layers stay fp32 "
+            "between frozen bf16 ones"
+        )
+
+
 def apply_training_layout(model, config, env: DistEnv) -> None:
     """Frozen dtype, activation checkpointing, compile, then FSDP2 when there are several processes."""
     if config.frozen_dtype is not None:
+        check_mixed_backbone(model.config, config.frozen_dtype, config.precision)
         cast_frozen(model, DTYPES[config.frozen_dtype])
     if config.gradient_checkpointing:
         apply_activation_checkpointing(model)

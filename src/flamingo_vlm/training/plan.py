@@ -346,6 +346,10 @@ def dry_run(config: TrainConfig, world_size: int, print_fn=print) -> Estimate:
     """Check the launch at ``world_size``, build the model on the meta device, print the plan."""
     lines = check_launch(config, world_size)
     model = build_meta_model(config)
+    if config.frozen_dtype is not None:
+        from .distributed import check_mixed_backbone
+
+        check_mixed_backbone(model.config, config.frozen_dtype, config.precision)
     result = estimate(model, config, world_size)
     print_fn(f"dry run: {world_size} process(es), distributed={config.distributed}, output_dir={config.output_dir}")
     for line in lines + result.lines():
