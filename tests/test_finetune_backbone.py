@@ -252,3 +252,22 @@ def test_bf16_frozen_backbones_around_trained_layers_train_under_autocast_and_ar
         loss = model(**_batch(processor)).loss
     loss.backward()
     assert all(p.grad is not None for n, p in model.trainable_parameters() if ".lora_A." not in n)
+
+
+def test_lora_dropout_follows_train_mode_while_the_lm_stays_in_eval(backbones):
+    lm_path, vision_path = backbones
+    model, processor = build_flamingo(lm_path, vision_path, **SMALL_BRIDGE)
+    model.set_backbone_training(lora_rank=4, lora_dropout=0.5)
+    with torch.no_grad():
+        for p in backbone_state(model).values():
+            p.add_(0.1 * torch.randn_like(p))
+    batch = _batch(processor)
+    model.train()
+    assert not model.lm.training and all(
+        m.training for layer in model.lm.model.layers for n, m in layer.named_modules() if n.endswith("lora_dropout")
+    )
+    with torch.no_grad():
+        assert not torch.equal(model(**batch).logits, model(**batch).logits)  # dropout on the adapters' inputs
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, model(**batch).logits)

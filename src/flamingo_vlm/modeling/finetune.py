@@ -27,9 +27,6 @@ Everything else stays frozen (``requires_grad=False``), as before.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-
-import torch
 from torch import nn
 
 from .lm import find_decoder_layers
@@ -102,6 +99,13 @@ def backbone_state(model) -> dict[str, nn.Parameter]:
             elif i >= first_trained and config.train_lm_layers:
                 state[f"lm_layers.{i}.{k}"] = p
     return state
+
+
+def lora_dropouts(model) -> list[nn.Module]:
+    """The LoRA adapters' dropout modules (they follow ``model.train(mode)``; the LM around them stays in eval)."""
+    if not model.config.lora_rank:
+        return []
+    return [m for layer in _inner_layers(model) for name, m in layer.named_modules() if name.endswith("lora_dropout")]
 
 
 def _lora_config(model):
@@ -194,26 +198,11 @@ def merge_lora(model) -> None:
                 module.merge()
 
 
-def trained_backbone_summary(model) -> dict[str, int]:
-    """Trained backbone parameters (numbers of elements) per part: vision_encoder, lm_layers, lora."""
-    out: dict[str, int] = {}
-    for name, p in backbone_state(model).items():
-        part = name.split(".", 1)[0]
-        out[part] = out.get(part, 0) + p.numel()
-    return out
-
-
-def frozen_parameters(model) -> Iterator[tuple[str, torch.Tensor]]:
-    """(module name, parameter) of every weight that does not train."""
-    return ((n, p) for n, p in model.named_parameters() if not p.requires_grad)
-
-
 __all__ = [
     "apply_backbone_training",
     "backbone_state",
-    "frozen_parameters",
+    "lora_dropouts",
     "merge_lora",
     "set_image_size",
-    "trained_backbone_summary",
     "vision_blocks",
 ]

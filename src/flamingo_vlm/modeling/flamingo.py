@@ -18,7 +18,7 @@ from ..config import FlamingoConfig
 from .backbones import check_lm_signature, lm_signature, load_backbones, paths_after_loading, paths_for_saving, write_lm_signature
 from .card import push_to_hub, write_model_card
 from .context import NO_MEDIA, MediaContext, MediaKV, StepMedia
-from .finetune import apply_backbone_training, backbone_state
+from .finetune import apply_backbone_training, backbone_state, lora_dropouts
 from .lm import (
     CONTEXT_KWARG,
     STEP_MEDIA_KWARG,
@@ -210,12 +210,15 @@ class FlamingoModel(nn.Module):
         return [layer.gated_xattn for layer in layers if isinstance(layer, FlamingoDecoderLayer) and layer.gated_xattn is not None]
 
     def train(self, mode: bool = True) -> FlamingoModel:
-        """Only the bridge follows ``mode``; the frozen backbones always run in eval mode."""
+        """Only the bridge (and LoRA adapters' dropout) follows ``mode``; the backbones always run in eval mode,
+        their fine-tuned parts too (no dropout of their own, as they ran when pretrained features were taken)."""
         super().train(mode)
         self.vision_encoder.eval()
         self.lm.eval()
         for block in self.xattn_blocks:
             block.train(mode)
+        for module in lora_dropouts(self):
+            module.train(mode)
         return self
 
     def flamingo_state_dict(self) -> dict[str, torch.Tensor]:
