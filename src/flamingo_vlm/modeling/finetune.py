@@ -27,6 +27,7 @@ Everything else stays frozen (``requires_grad=False``), as before.
 from __future__ import annotations
 
 import dataclasses
+
 from torch import nn
 
 from .lm import find_decoder_layers
