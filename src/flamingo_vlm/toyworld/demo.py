@@ -212,10 +212,10 @@ def run_demo(out_dir: str | Path = "flamingo-demo", *, quick: bool = False, seed
         mine = sorted((s for s in summarize(results["runs"]) if s["task"] == run["task"]), key=lambda s: s["shots"])
         if sum(len(s["seeds"]) for s in mine) == runs_per_task:
             cells = "".join(f"{s['mean']:>10.2f}" if s["mean"] is not None else f"{'n/a':>10}" for s in mine)
-            print(f"  {run['task']:<24}{mine[0]['metric']:<10}{cells}   ({time.time() - start:.0f} s)", flush=True)
+            print(f"  {run['task']:<24}{mine[0]['metric']:<14}{cells}   ({time.time() - start:.0f} s)", flush=True)
 
     header = "".join(f"{f'{n}-shot':>10}" for n in settings.shots)
-    print(f"few-shot evaluation, mean over {settings.eval_seeds} shot samplings:\n  {'task':<24}{'metric':<10}{header}")
+    print(f"few-shot evaluation, mean over {settings.eval_seeds} shot samplings:\n  {'task':<24}{'metric':<14}{header}")
     results = evaluate(
         model, processor, tasks, shots=list(settings.shots), seeds=[seed + i for i in range(settings.eval_seeds)], limit=limits,
         batch_size=settings.eval_batch_size, results_path=out / "eval.json", resume=False, progress=False,
