@@ -1,13 +1,19 @@
 """A tiny end-to-end run of the demo pipeline: toy world -> toy backbones -> training -> few-shot eval."""
 
 import json
+import time
 from dataclasses import asdict, replace
 
 import torch
+from helpers import build
+from train_fixtures import mixture_datasets
 
 from flamingo_vlm.toyworld.backbones import BackboneSizes
 from flamingo_vlm.toyworld.cache import ensure_toyworld
-from flamingo_vlm.toyworld.demo import DemoSettings, run_demo
+from flamingo_vlm.toyworld.demo import DemoSettings, run_demo, training_probe
+from flamingo_vlm.toyworld.generate import WorldSizes, generate_world
+from flamingo_vlm.toyworld.tasks import LabelMappingTask
+from flamingo_vlm.training import load_train_config, train
 
 
 def test_tiny_demo_end_to_end(tmp_path, monkeypatch, capsys):
@@ -24,7 +30,7 @@ def test_tiny_demo_end_to_end(tmp_path, monkeypatch, capsys):
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
     tasks = {row["task"] for row in results["summary"]}
-    assert {"captioning", "vqa", "classification", "video_qa", "heldout_new_format", "heldout_label_mapping"} <= tasks
+    assert {"captioning", "vqa", "classification", "video_qa", "heldout_new_format", "label_mapping_colour", "heldout_label_mapping_size"} <= tasks
     assert {row["shots"] for row in results["summary"]} == set(DemoSettings.tiny().shots)
     # at alpha = 0 the model had the LM's exact text loss; frozen really means frozen
     assert summary["init_text_loss"] == summary["lm_text_loss"]
@@ -81,3 +87,21 @@ def test_shipped_backbones_are_refused_when_anything_they_were_trained_from_chan
     monkeypatch.setattr(cache, "backbone_sources", lambda w: shipped["sources"])
     assert cache._shipped("lm", shipped["settings"], world) == cache.SHIPPED / "lm"
     assert cache._shipped("lm", {**shipped["settings"], "lm_steps": 1}, world) is None  # other settings
+
+
+def test_the_training_probe_leaves_the_training_as_it_would_be(tmp_path, capsys):
+    """The demo scores a held-out task during training; the run's losses are bit-identical to a run without it."""
+    torch.set_num_threads(1)
+    world = generate_world(tmp_path / "world", sizes=WorldSizes.tiny(), parts=("eval",), progress=False)
+    task = LabelMappingTask("label_mapping_colour", scenes_json=str(world / "eval" / "heldout" / "scenes.json"))
+    datasets = mixture_datasets(tmp_path / "data")
+    losses = {}
+    for probing in (False, True):
+        model, processor = build("llama")
+        probe = training_probe(model, processor, task, shots=2, every=2, steps=5, queries=3, seed=0, batch_size=4, start=time.time())
+        config = load_train_config({"datasets": datasets, "steps": 5, "lr": 1e-3, "output_dir": str(tmp_path / f"run{probing}"),
+                                    "checkpoint_every": 0, "save_final": False, "device": "cpu"})
+        losses[probing] = [h["loss"] for h in train(model, processor, config, progress=False, callback=probe if probing else None).history]
+    assert losses[True] == losses[False]
+    probes = [line for line in capsys.readouterr().out.splitlines() if "label_mapping_colour at 2 shots" in line]
+    assert [line.split(":")[0].strip() for line in probes] == ["step 2", "step 4"]

@@ -262,3 +262,21 @@ def test_a_test_dev_split_is_written_as_an_evalai_submission(model_and_processor
     assert run["submission_file"].endswith("results.submissions/vqav2_test_dev_0shot_random_seed0.json")
     assert submitted == [{"question_id": r["id"], "answer": r["prediction"]} for r in run["predictions"]]
     assert [s["question_id"] for s in submitted] == [100, 101, 102]
+
+
+def test_a_data_root_override_moves_the_config_files_task_paths(tmp_path, monkeypatch):
+    """`--set data_root=DIR` (from the working directory) is where the file's relative task paths resolve; a task
+    path given as an override stays the caller's."""
+    from flamingo_vlm.evaluation.cli import load_eval_config
+
+    (tmp_path / "cfg").mkdir()
+    config_path = tmp_path / "cfg" / "eval.yaml"
+    config_path.write_text(yaml.safe_dump({"model": "m", "data_root": "old", "tasks": [
+        {"type": "coco_captioning", "karpathy_json": "coco/dataset_coco.json", "image_dir": "coco"}]}))
+    monkeypatch.chdir(tmp_path)
+    default = load_eval_config(config_path)
+    assert default.tasks[0]["karpathy_json"] == str(tmp_path / "cfg" / "old" / "coco" / "dataset_coco.json")
+    moved = load_eval_config(config_path, sets=["data_root=new", "tasks.0.image_dir=imgs"])
+    assert moved.data_root == str(tmp_path / "new")
+    assert moved.tasks[0]["karpathy_json"] == str(tmp_path / "new" / "coco" / "dataset_coco.json")
+    assert moved.tasks[0]["image_dir"] == "imgs"  # an override's own path is not moved under data_root

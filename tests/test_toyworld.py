@@ -175,6 +175,24 @@ def test_evaluation_sets_in_official_formats(world):
     assert all((ev / "heldout" / row["image"]).is_file() for row in heldout["query"])
 
 
+def test_vqa_training_split_grows_without_changing_the_other_sets(world, tmp_path):
+    """The toy VQAv2 train split (shots and fine-tuning data) has vqa_train questions; its first eval_support and
+    every other evaluation set are the same whatever its size."""
+    from dataclasses import replace
+
+    sizes = WorldSizes.tiny()
+    bigger = generate_world(tmp_path / "bigger", seed=0, sizes=replace(sizes, vqa_train=3 * sizes.vqa_train), parts=("eval",), progress=False)
+    ev, big = world / "eval", bigger / "eval"
+    train = lambda root: json.loads((root / "vqa" / "v2_OpenEnded_mscoco_train2014_questions.json").read_text())["questions"]  # noqa: E731
+    assert len(train(ev)) == sizes.vqa_train and len(train(big)) == 3 * sizes.vqa_train
+    assert train(big)[: sizes.eval_support] == train(ev)[: sizes.eval_support]
+    assert len({q["question_id"] for q in train(big)}) == len(train(big))
+    assert all((big / "vqa" / "images" / f"COCO_train2014_{q['image_id']:012d}.jpg").is_file() for q in train(big))
+    same = ["coco/dataset_coco.json", "vqa/v2_mscoco_val2014_annotations.json", "classification/val.txt", "videoqa/test_qa.json",
+            "heldout/scenes.json"]
+    assert all((ev / f).read_bytes() == (big / f).read_bytes() for f in same)
+
+
 def test_lm_corpus_never_contains_the_heldout_formats(world):
     corpus = (world / "text" / "lm_corpus.txt").read_text()
     assert T.HELDOUT_PREFIX + ":" not in corpus

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from . import text as T
 from .world import COLOURS, SHAPES, Scene, render_scene, render_video, sample_scene, sample_video_scene
 
-WORLD_VERSION = 9
+WORLD_VERSION = 10
 
 
 @dataclass
@@ -46,17 +46,20 @@ class WorldSizes:
     # points, more than the few points that shots add to it
     vqa_queries: int = 600
     eval_support: int = 400
+    # the toy VQAv2's training split (its first eval_support questions as before): the shots' pool and the data
+    # that fine-tuning trains on (docs/training.md); like VQAv2's, larger than its test split
+    vqa_train: int = 4000
     # up to 9 images: an 8-shot prompt holds 9, and a bridge trained on fewer degrades with more shots
     images_per_document: tuple[int, int] = (2, 9)
     shard_size: int = 1000
 
     @classmethod
     def quick(cls) -> "WorldSizes":
-        return cls(pairs=8000, documents=2000, videos=400, lm_documents=6000, eval_queries=200, vqa_queries=200, eval_support=200)
+        return cls(pairs=8000, documents=2000, videos=400, lm_documents=6000, eval_queries=200, vqa_queries=200, eval_support=200, vqa_train=200)
 
     @classmethod
     def tiny(cls) -> "WorldSizes":
-        return cls(pairs=48, documents=32, videos=16, lm_documents=200, eval_queries=12, vqa_queries=12, eval_support=16, shard_size=32)
+        return cls(pairs=48, documents=32, videos=16, lm_documents=200, eval_queries=12, vqa_queries=12, eval_support=16, vqa_train=16, shard_size=32)
 
 
 def png_bytes(img) -> bytes:
@@ -199,23 +202,11 @@ def _write_eval(rng: random.Random, root: Path, sizes: WorldSizes) -> tuple[dict
     (coco / "dataset_coco.json").write_text(json.dumps({"dataset": "toy", "images": images}))
     out["coco"] = str(coco)
 
-    # VQAv2: questions + annotations with 10 answers; train2014 = support, val2014 = queries.
+    # VQAv2: questions + annotations with 10 answers; train2014 = support (and fine-tuning data), val2014 = queries.
     vqa = root / "vqa"
-    for split, count, offset in (("train2014", n_s, 0), ("val2014", sizes.vqa_queries, 100000)):
-        questions, annotations = [], []
-        for i in range(count):
-            s = sample_scene(rng)
-            image_id = offset + i
-            (vqa / "images").mkdir(parents=True, exist_ok=True)
-            render_scene(s).save(vqa / "images" / f"COCO_{split}_{image_id:012d}.jpg", quality=95)
-            q, a = benchmark_question(rng, s, annotators)
-            qid = image_id * 10
-            questions.append({"image_id": image_id, "question": q, "question_id": qid})
-            answers = [{"answer": a, "answer_confidence": "yes", "answer_id": j + 1} for j in range(10)]
-            annotations.append({"question_id": qid, "image_id": image_id, "question_type": q.split()[0], "answer_type": "other",
-                                "multiple_choice_answer": a, "answers": answers})
-        (vqa / f"v2_OpenEnded_mscoco_{split}_questions.json").write_text(json.dumps({"task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": split, "questions": questions}))
-        (vqa / f"v2_mscoco_{split}_annotations.json").write_text(json.dumps({"data_type": "mscoco", "data_subtype": split, "annotations": annotations}))
+    (vqa / "images").mkdir(parents=True, exist_ok=True)
+    splits = {"train2014": _vqa_questions(rng, vqa, "train2014", range(n_s), annotators),
+              "val2014": _vqa_questions(rng, vqa, "val2014", range(100000, 100000 + sizes.vqa_queries), annotators)}
     out["vqa"] = str(vqa)
 
     # Classification (shape), ImageNet-style list files.
@@ -252,7 +243,31 @@ def _write_eval(rng: random.Random, root: Path, sizes: WorldSizes) -> tuple[dict
         meta[split] = [{"image": f"images/{n}", **s.to_dict()} for n, s in zip(names, scenes)]
     (ho / "scenes.json").write_text(json.dumps(meta))
     out["heldout"] = str(ho)
+
+    # The rest of the VQA training split (as VQAv2's, larger than its test split: enough to fine-tune on), from
+    # its own generator after everything else, so that the sets above do not depend on its size.
+    more = range(n_s, max(n_s, sizes.vqa_train))
+    extra = _vqa_questions(random.Random(rng.randrange(2**31)), vqa, "train2014", more, annotators)
+    splits["train2014"] = tuple(a + b for a, b in zip(splits["train2014"], extra))
+    for split, (qs, anns) in splits.items():
+        (vqa / f"v2_OpenEnded_mscoco_{split}_questions.json").write_text(json.dumps({"task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": split, "questions": qs}))
+        (vqa / f"v2_mscoco_{split}_annotations.json").write_text(json.dumps({"data_type": "mscoco", "data_subtype": split, "annotations": anns}))
     return out, annotators
+
+
+def _vqa_questions(rng: random.Random, vqa: Path, split: str, image_ids: range, annotators: dict[str, str]) -> tuple[list, list]:
+    """Toy VQAv2 (questions, annotations) of one split, one question per image, each image written as COCO names it."""
+    questions, annotations = [], []
+    for image_id in image_ids:
+        s = sample_scene(rng)
+        render_scene(s).save(vqa / "images" / f"COCO_{split}_{image_id:012d}.jpg", quality=95)
+        q, a = benchmark_question(rng, s, annotators)
+        qid = image_id * 10
+        questions.append({"image_id": image_id, "question": q, "question_id": qid})
+        answers = [{"answer": a, "answer_confidence": "yes", "answer_id": j + 1} for j in range(10)]
+        annotations.append({"question_id": qid, "image_id": image_id, "question_type": q.split()[0], "answer_type": "other",
+                            "multiple_choice_answer": a, "answers": answers})
+    return questions, annotations
 
 
 WORLD_PARTS = ("text", "pairs", "interleaved", "videos", "eval")

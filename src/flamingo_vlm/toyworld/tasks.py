@@ -3,8 +3,10 @@
 - :class:`NewFormatTask` (held-out a): report a picture's attributes under a prefix never seen in
   training ("Item:"), in one of the 6 orders of (colour, size, position). The order is only given
   by the shots, so a 0-shot guess can match at most one layout; the score is the mean over all layouts.
-- :class:`LabelMappingTask` (held-out b): two colours are bound to two words that exist only inside the
-  prompt ("This is a gorp."); the query is ranked between the two words. Chance is 50%.
+- :class:`LabelMappingTask` (held-out b): two values of one attribute are bound to two words that exist only
+  inside the prompt ("This is a gorp."); the query is ranked between the two words. Chance is 50%. The demo
+  runs it on colours, the attribute the training mixture's naming documents bind to words (so its format
+  is trained, its words are new), and on sizes, which no training document binds to a word.
 
 Both read ``eval/heldout/scenes.json`` (scene attributes of support and query images).
 """
@@ -75,7 +77,8 @@ class NewFormatTask(Task):
 
 @register_task("toy_label_mapping")
 class LabelMappingTask(Task):
-    """Held-out (b): per-prompt words for two colours; the query is ranked between the two words."""
+    """Held-out (b): per-prompt words for two values of ``attribute`` (a scene field: colour, size, shape,
+    position, background); the query is ranked between the two words."""
 
     name = "heldout_label_mapping"
     kind = "rank"
@@ -84,10 +87,15 @@ class LabelMappingTask(Task):
     zero_shot_text_examples = False
     attribute = "colour"  # what the prompt's words name
 
-    def __init__(self, name: str | None = None, *, scenes_json: str, **kwargs) -> None:
+    def __init__(self, name: str | None = None, *, scenes_json: str, attribute: str | None = None, **kwargs) -> None:
         super().__init__(name, **kwargs)
         self.scenes_json = scenes_json
+        self.attribute = attribute or self.attribute
         self._support: list[Example] | None = None
+        values = {ex.fields.get(self.attribute) for ex in self.support()}
+        if None in values or len(values) < 2:
+            raise ValueError(f"{self.name}: attribute {self.attribute!r} must be a field of every support scene in "
+                             f"{scenes_json} with at least 2 values")
 
     def support(self) -> list[Example]:
         if self._support is None:
@@ -104,7 +112,7 @@ class LabelMappingTask(Task):
         return [f"{w}." for w in ex.fields["words"]]
 
     def episode(self, query: Example, shots: list[Example], rng: random.Random) -> tuple[Example, list[Example]]:
-        """Balanced shots of the query's colour and one other, and two fresh words bound to them."""
+        """Balanced shots of the query's value (of ``attribute``) and one other, and two fresh words bound to them."""
         key = self.attribute
         value = query.fields[key]
         other = rng.choice(sorted({ex.fields[key] for ex in self.support()} - {value}))

@@ -124,6 +124,10 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast of the forward where the device supports it
     frozen_dtype: Literal["fp32", "bf16"] | None = None  # store the frozen backbones in this dtype
     gradient_checkpointing: bool = False
+    # encode each distinct frame once and keep its features (training/feature_cache.py): for runs that see their
+    # images many times (epochs over a small set) with the vision encoder frozen; up to this many MiB of features
+    cache_vision_features: bool = False
+    vision_feature_cache_mib: int = 4096
     compile: bool = False
     compile_backend: str = "inductor"
     # distribution: under torchrun, "fsdp" shards parameters (FSDP2), "ddp" replicates them, "hsdp" shards

@@ -34,6 +34,7 @@ from .checkpoint import CHECKPOINTS_DIR, PendingCheckpoint, checkpoint_dir_name,
 from .comm import count_collectives
 from .config import TrainConfig, load_train_config
 from .distributed import DistEnv, autocast_context, full_tensor, init_distributed, prepare_model, set_gradient_sync
+from .feature_cache import VisionFeatureCache
 from .metrics import MetricsLogger
 from .optim import build_optimizer, build_scheduler
 from .plan import check_launch, check_shared_output_dir, data_workers, pin_memory
@@ -75,12 +76,13 @@ def micro_batches(samples: list[Sample], size: int | None, *, pad_token_id: int,
 
 
 def forward_backward(model, parts: list[DatasetBatch], *, device: torch.device, precision: str = "fp32", world_size: int = 1,
-                     reduce_every_micro_step: bool = False) -> torch.Tensor:
+                     reduce_every_micro_step: bool = False, feature_cache: VisionFeatureCache | None = None) -> torch.Tensor:
     """Accumulate the step's gradient: sum_d weight_d * grad(sum NLL_d) / num_targets_d.
 
     Gradients are scaled by ``world_size`` because the data-parallel reduction averages over processes
     while the objective sums them. The reduction runs once, in the last backward, unless
     ``reduce_every_micro_step`` (then each backward reduce-scatters, and no unsharded gradient is kept).
+    ``feature_cache``: the vision features come from it (computed once per distinct frame).
     Returns this rank's NLL sum per part [len(parts)] (detached).
     """
     total = sum(len(p.micro) for p in parts)
@@ -95,6 +97,10 @@ def forward_backward(model, parts: list[DatasetBatch], *, device: torch.device, 
             inputs = {k: batch[k].to(device, non_blocking=True) if torch.is_tensor(batch[k]) else batch[k]
                       for k in ("input_ids", "attention_mask", "pixel_values", "frame_mask")}
             labels = batch["labels"].to(device, non_blocking=True)
+            if feature_cache is not None and inputs["pixel_values"] is not None:
+                with autocast_context(precision, device):
+                    inputs["vision_features"] = feature_cache(batch["pixel_values"], batch["frame_mask"], device)
+                inputs["pixel_values"] = None
             with autocast_context(precision, device):  # the loss fused with the LM head: no [B, L, V] logits kept
                 nll = model(**inputs, labels=labels, return_logits=False, loss_reduction="sum").loss
             (nll * scale).backward()
@@ -235,6 +241,11 @@ def train(
     if env.is_main and env.distributed:
         log.message(f"{env.world_size} processes, {config.distributed} on {env.device.type}")
     model.train()
+    feature_cache = None
+    if config.cache_vision_features:
+        if any(p.requires_grad for p in model.vision_encoder.parameters()):
+            raise ValueError("cache_vision_features needs a frozen vision encoder, but this model trains it")
+        feature_cache = VisionFeatureCache(model, config.vision_feature_cache_mib << 20)
     last_counts = [dict(c) for c in trainer_state.get("counts", [{} for _ in names])]
     pending: PendingCheckpoint | None = None
     try:
@@ -243,7 +254,7 @@ def train(
             parts = take_step_batches(mixture, step, config, env)
             with count_collectives() if config.count_communication else contextlib.nullcontext() as comm:
                 nll = forward_backward(model, parts, device=env.device, precision=config.precision, world_size=env.world_size,
-                                       reduce_every_micro_step=config.reduce_every_micro_step)
+                                       reduce_every_micro_step=config.reduce_every_micro_step, feature_cache=feature_cache)
             losses, tokens, counts = reduce_step_stats(nll, parts, mixture, env)
             loss = sum(weights[d] * v for d, v in losses.items())
             grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, config.grad_clip or math.inf)).item()  # once per step

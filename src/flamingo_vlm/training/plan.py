@@ -152,6 +152,13 @@ def check_launch(config: TrainConfig, world_size: int, device_type: str | None =
         mesh_shape(config, world_size)
     except ValueError as e:
         problems.append(str(e))
+    if config.cache_vision_features and config.train_vision_blocks:
+        problems.append("cache_vision_features needs a frozen vision encoder, but train_vision_blocks trains it")
+    if config.cache_vision_features and world_size > 1 and config.frozen_sharding != "replicate":
+        # a sharded encoder all-gathers its weights in every process's forward: a process whose frames were all
+        # cached would skip a collective the others run
+        problems.append("cache_vision_features with several processes needs frozen_sharding: replicate "
+                        "(each process then encodes its own misses)")
     problems += check_output_dir(config)
     if problems:
         raise ValueError(f"this config cannot run on {world_size} process(es):\n  - " + "\n  - ".join(problems))
