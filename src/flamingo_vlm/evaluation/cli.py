@@ -123,19 +123,19 @@ def load_eval_config(path: str | Path, overrides: dict[str, Any] | None = None, 
     for key in ("model", "out", "rices_cache_dir", "data_root", "lm", "vision"):
         if raw.get(key):
             raw[key] = _resolve(raw[key], here)
-    # a data_root given as an override is where the file's task paths resolve (the caller's, from the cwd)
-    root_override = {".".join(k): v for k, v in (parse_override(t) for t in sets) if k == ["data_root"]}
+    # a data_root given as an override (the caller's path, from the cwd) is where the file's task paths resolve
+    root_override = next((v for k, v in map(parse_override, sets) if k == ["data_root"]), None)
     if (overrides or {}).get("data_root") is not None:
-        root_override["data_root"] = overrides["data_root"]
-    if root_override.get("data_root"):
-        raw["data_root"] = str(Path(root_override["data_root"]).expanduser().resolve())
+        root_override = overrides["data_root"]
+    if root_override:
+        raw["data_root"] = str(Path(root_override).expanduser().resolve())
     data_root = Path(raw["data_root"]) if raw.get("data_root") else here
     if isinstance(raw.get("tasks"), list):
         raw["tasks"] = [resolve_task_paths(spec, data_root) if isinstance(spec, dict) else spec for spec in raw["tasks"]]
     apply_overrides(raw, sets)
     apply_overrides(raw, {k: v for k, v in (overrides or {}).items() if v is not None})
-    if root_override.get("data_root"):
-        raw["data_root"] = str(data_root)
+    if root_override:
+        raw["data_root"] = str(data_root)  # resolved, not the override's text
     config = from_dict(EvalConfig, raw)
     if not config.model and need_model:
         raise ValueError(f"{path}: no `model` (a saved Flamingo directory) in the config or --model")

@@ -188,7 +188,7 @@ class TrainConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        for key in ("warmup_steps", "checkpoint_every", "keep_last", "num_workers"):
+        for key in ("warmup_steps", "checkpoint_every", "keep_last", "num_workers", "vision_feature_cache_mib"):
             if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.log_every < 1:
