@@ -234,7 +234,8 @@ def run_demo(out_dir: str | Path = "flamingo-demo", *, quick: bool = False, seed
         cache_vision_features=True,  # 4 epochs of the documents, ~7 of the videos: each frame is encoded once
     )
     tasks = toy_tasks(world)
-    probe = training_probe(model, processor, tasks[0], shots=max(settings.shots), every=settings.probe_every, steps=settings.steps,
+    colour_mapping = next(t for t in tasks if t.name == "label_mapping_colour")
+    probe = training_probe(model, processor, colour_mapping, shots=max(settings.shots), every=settings.probe_every, steps=settings.steps,
                            queries=settings.probe_queries, seed=seed, batch_size=settings.eval_batch_size, start=start)
     trained = train(model, processor, config, progress=progress, callback=probe)
     unchanged = lm_is_unchanged(model)

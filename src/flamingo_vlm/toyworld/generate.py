@@ -246,8 +246,7 @@ def _write_eval(rng: random.Random, root: Path, sizes: WorldSizes) -> tuple[dict
 
     # The rest of the VQA training split (as VQAv2's, larger than its test split: enough to fine-tune on), from
     # its own generator after everything else, so that the sets above do not depend on its size.
-    more = range(n_s, max(n_s, sizes.vqa_train))
-    extra = _vqa_questions(random.Random(rng.randrange(2**31)), vqa, "train2014", more, annotators)
+    extra = _vqa_questions(random.Random(rng.randrange(2**31)), vqa, "train2014", range(n_s, sizes.vqa_train), annotators)
     splits["train2014"] = tuple(a + b for a, b in zip(splits["train2014"], extra))
     for split, (qs, anns) in splits.items():
         (vqa / f"v2_OpenEnded_mscoco_{split}_questions.json").write_text(json.dumps({"task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": split, "questions": qs}))

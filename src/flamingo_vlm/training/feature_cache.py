@@ -46,11 +46,15 @@ class VisionFeatureCache:
         frames = pixel_values.flatten(0, 1)
         keep = torch.ones(m * t, dtype=torch.bool) if frame_mask is None else frame_mask.reshape(-1).bool().cpu()
         index = keep.nonzero().flatten().tolist()
+        if not index:
+            raise ValueError("a batch with media has no frame to encode (every frame masked)")
         keys = [self.key(frames[i]) for i in index]
-        missing = list(dict.fromkeys(k for k in keys if k not in self._features))  # each new frame encoded once
+        first: dict[bytes, int] = {}  # each distinct frame's first position: encoded once
+        for i, k in zip(index, keys):
+            first.setdefault(k, i)
+        missing = [k for k in first if k not in self._features]
         new: dict[bytes, torch.Tensor] = {}
         if missing:
-            first = {k: i for i, k in zip(reversed(index), reversed(keys))}  # the first frame with each digest
             batch = torch.stack([frames[first[k]] for k in missing])[:, None].to(device)
             with torch.no_grad():
                 encoded = self.model.encode_vision(batch)[:, 0]
@@ -58,13 +62,11 @@ class VisionFeatureCache:
                 new[k] = f
                 size = f.numel() * f.element_size()
                 if self.bytes + size <= self.max_bytes:
-                    self._features[k] = f.detach().cpu()
+                    self._features[k] = f.detach().to("cpu", copy=True)  # its own storage: what `bytes` counts
                     self.bytes += size
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
-        rows = [new[k] if k in new else self._features[k].to(device) for k in keys]
-        out = torch.zeros(m * t, *rows[0].shape, dtype=rows[0].dtype, device=device) if rows else None
-        if out is None:
-            raise ValueError("a batch with media has no frame to encode (every frame masked)")
-        out[torch.tensor(index, device=device)] = torch.stack(rows)
+        rows = torch.stack([new[k] if k in new else self._features[k].to(device) for k in keys])
+        out = rows.new_zeros(m * t, *rows.shape[1:])
+        out[torch.tensor(index, device=device)] = rows
         return out.view(m, t, *out.shape[1:])

@@ -97,11 +97,10 @@ def forward_backward(model, parts: list[DatasetBatch], *, device: torch.device, 
             inputs = {k: batch[k].to(device, non_blocking=True) if torch.is_tensor(batch[k]) else batch[k]
                       for k in ("input_ids", "attention_mask", "pixel_values", "frame_mask")}
             labels = batch["labels"].to(device, non_blocking=True)
-            if feature_cache is not None and inputs["pixel_values"] is not None:
-                with autocast_context(precision, device):
-                    inputs["vision_features"] = feature_cache(batch["pixel_values"], batch["frame_mask"], device)
-                inputs["pixel_values"] = None
             with autocast_context(precision, device):  # the loss fused with the LM head: no [B, L, V] logits kept
+                if feature_cache is not None and batch["pixel_values"] is not None:  # looked up by the host copy's pixels
+                    del inputs["pixel_values"]
+                    inputs["vision_features"] = feature_cache(batch["pixel_values"], batch["frame_mask"], device)
                 nll = model(**inputs, labels=labels, return_logits=False, loss_reduction="sum").loss
             (nll * scale).backward()
             nll_sum += nll.detach()
