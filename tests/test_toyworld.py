@@ -4,6 +4,7 @@ import base64
 import collections
 import hashlib
 import io
+import itertools
 import json
 import random
 import re
@@ -258,8 +259,34 @@ def test_naming_documents_bind_few_words_and_repeat_them():
 
 
 def test_heldout_prefix_is_never_a_generated_prefix():
+    """Every word nonce_word can make (1-2 onset-vowel syllables and a coda): the held-out prefix is none of them,
+    and it starts with a letter the training pages' prefixes start with (a first letter they never start with is
+    a token the frozen LM has not seen there: docs/toyworld.md)."""
+    syllables = [o + v for o in T._ONSETS for v in T._VOWELS]
+    made = {"".join(s) + c for n in (1, 2) for s in itertools.product(syllables, repeat=n) for c in T._CODAS}
+    assert T.HELDOUT_PREFIX.lower() not in made
     rng = random.Random(0)
-    assert T.HELDOUT_PREFIX not in {T.nonce_word(rng).capitalize() for _ in range(20000)}
+    assert T.nonce_word(rng) in made and T.HELDOUT_PREFIX not in {T.nonce_word(rng).capitalize() for _ in range(20000)}
+    assert T.HELDOUT_PREFIX[0].lower() in {o[0] for o in T._ONSETS}
+
+
+def test_new_format_layouts_are_asked_about_every_colour():
+    """Query colours come in turn; each layout must get every colour (by id alone, each layout had one colour)."""
+    from flamingo_vlm.evaluation import Example
+    from flamingo_vlm.toyworld.tasks import LAYOUTS, NewFormatTask
+
+    colours = tuple(COLOURS)
+    queries = [Example(id=i, media=[], fields={"colour": colours[i % len(colours)], "size": "small", "position": "left"})
+               for i in range(len(colours) * len(LAYOUTS))]
+    task = NewFormatTask(scenes_json="unused.json")
+    pairs = collections.Counter()
+    for q in queries:
+        episode, [shot] = task.episode(q, [q], random.Random(0))
+        assert shot.fields["layout"] == episode.fields["layout"]
+        pairs[episode.fields["layout"], q.fields["colour"]] += 1
+    assert set(pairs.values()) == {1} and len(pairs) == len(colours) * len(LAYOUTS)
+    for start in range(0, len(queries), len(LAYOUTS)):  # and every run of 6 queries has every layout once
+        assert {task.episode(q, [], random.Random(0))[0].fields["layout"] for q in queries[start:start + len(LAYOUTS)]} == set(range(len(LAYOUTS)))
 
 
 def test_binding_documents_reuse_each_word_for_its_key():

@@ -1,7 +1,7 @@
 """The toy world's held-out tasks: skills that can only come from the shots in the prompt.
 
 - :class:`NewFormatTask` (held-out a): report a picture's attributes under a prefix never seen in
-  training ("Item:"), in one of the 6 orders of (colour, size, position). The order is only given
+  training ("Balt:"), in one of the 6 orders of (colour, size, position). The order is only given
   by the shots, so a 0-shot guess can match at most one layout; the score is the mean over all layouts.
 - :class:`LabelMappingTask` (held-out b): two values of one attribute are bound to two words that exist only
   inside the prompt ("This is a gorp."); the query is ranked between the two words. Chance is 50%. The demo
@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..evaluation import Example, Task, exact_match_accuracy, register_task
 from .text import HELDOUT_NONCE_WORDS, HELDOUT_PREFIX
+from .world import COLOURS
 
 LAYOUTS = tuple(itertools.permutations(("colour", "size", "position")))
 
@@ -33,7 +34,7 @@ def _read_scenes(scenes_json: str | Path, split: str) -> list[Example]:
 
 @register_task("toy_new_format")
 class NewFormatTask(Task):
-    """Held-out (a): "Item: <colour/size/position in the prompt's order>"; exact match, mean over layouts."""
+    """Held-out (a): "Balt: <colour/size/position in the prompt's order>"; exact match, mean over layouts."""
 
     name = "heldout_new_format"
     kind = "generate"
@@ -59,7 +60,11 @@ class NewFormatTask(Task):
         return replace(ex, fields=fields)
 
     def episode(self, query: Example, shots: list[Example], rng: random.Random) -> tuple[Example, list[Example]]:
-        layout = int(query.id) % len(LAYOUTS)  # every layout gets the same number of queries
+        # The queries' colours come in turn (generate._write_eval): turning the layout one step further every
+        # len(COLOURS) queries asks every layout about every colour (by id alone, each layout had one colour),
+        # and each run of len(LAYOUTS) queries has every layout once.
+        i = int(query.id)
+        layout = (i + i // len(COLOURS)) % len(LAYOUTS)
         return self.with_layout(query, layout), [self.with_layout(s, layout) for s in shots]
 
     def score(self, predictions: list, examples: list[Example]) -> dict[str, float]:
