@@ -260,8 +260,8 @@ def test_naming_documents_bind_few_words_and_repeat_them():
 
 def test_heldout_prefix_is_never_a_generated_prefix():
     """Every word nonce_word can make (1-2 onset-vowel syllables and a coda): the held-out prefix is none of them,
-    and it starts with a letter the training pages' prefixes start with (a first letter they never start with is
-    a token the frozen LM has not seen there: docs/toyworld.md)."""
+    and it starts with a capital the training pages' prefixes start with (a capital that appears nowhere in the
+    LM's text is a token the frozen LM has never seen: docs/toyworld.md)."""
     syllables = [o + v for o in T._ONSETS for v in T._VOWELS]
     made = {"".join(s) + c for n in (1, 2) for s in itertools.product(syllables, repeat=n) for c in T._CODAS}
     assert T.HELDOUT_PREFIX.lower() not in made

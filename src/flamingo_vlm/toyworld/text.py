@@ -179,9 +179,9 @@ def document_style(rng: random.Random, fmt: str, attribute: str | None = None, v
 
 
 # The new format's prefix: a capitalised non-word that no training page uses (its ending "lt" is none of _CODAS,
-# so nonce_word never makes it), spelled with the letters the training pages' prefixes start with. A prefix
-# whose first letter starts no line in training ("Item", "Hob", "Wex") is a token the frozen LM has never seen
-# there, and the bridge copies the shots' order after it far less reliably (docs/toyworld.md).
+# so nonce_word never makes it), starting with a capital the training pages' prefixes start with. A prefix
+# whose capital appears nowhere in the LM's text ("Item", "Hob", "Wex": no I, H or W) is a token the frozen LM
+# has never seen, and the bridge copies the shots' order after it far less reliably (docs/toyworld.md).
 HELDOUT_PREFIX = "Balt"
 
 
