@@ -176,22 +176,37 @@ def test_evaluation_sets_in_official_formats(world):
     assert all((ev / "heldout" / row["image"]).is_file() for row in heldout["query"])
 
 
-def test_vqa_training_split_grows_without_changing_the_other_sets(world, tmp_path):
-    """The toy VQAv2 train split (shots and fine-tuning data) has vqa_train questions; its first eval_support and
-    every other evaluation set are the same whatever its size."""
+def test_vqa_splits_grow_without_changing_the_other_sets(world, tmp_path):
+    """The toy VQAv2 train split (shots and fine-tuning data) has vqa_train questions and its test split vqa_test;
+    their first eval_support and vqa_queries (the demo's shots' pool and queries) and every other evaluation set
+    are the same whatever their sizes."""
     from dataclasses import replace
 
     sizes = WorldSizes.tiny()
-    bigger = generate_world(tmp_path / "bigger", seed=0, sizes=replace(sizes, vqa_train=3 * sizes.vqa_train), parts=("eval",), progress=False)
+    bigger = generate_world(tmp_path / "bigger", seed=0, sizes=replace(sizes, vqa_train=3 * sizes.vqa_train, vqa_test=2 * sizes.vqa_test),
+                            parts=("eval",), progress=False)
     ev, big = world / "eval", bigger / "eval"
-    train = lambda root: json.loads((root / "vqa" / "v2_OpenEnded_mscoco_train2014_questions.json").read_text())["questions"]  # noqa: E731
-    assert len(train(ev)) == sizes.vqa_train and len(train(big)) == 3 * sizes.vqa_train
-    assert train(big)[: sizes.eval_support] == train(ev)[: sizes.eval_support]
-    assert len({q["question_id"] for q in train(big)}) == len(train(big))
-    assert all((big / "vqa" / "images" / f"COCO_train2014_{q['image_id']:012d}.jpg").is_file() for q in train(big))
-    same = ["coco/dataset_coco.json", "vqa/v2_mscoco_val2014_annotations.json", "classification/val.txt", "videoqa/test_qa.json",
-            "heldout/scenes.json"]
+
+    def split(root, name):
+        questions = json.loads((root / "vqa" / f"v2_OpenEnded_mscoco_{name}_questions.json").read_text())["questions"]
+        annotations = json.loads((root / "vqa" / f"v2_mscoco_{name}_annotations.json").read_text())["annotations"]
+        return questions, annotations
+
+    for name, n, first in (("train2014", sizes.vqa_train, sizes.eval_support), ("val2014", sizes.vqa_test, sizes.vqa_queries)):
+        (q, a), (big_q, big_a) = split(ev, name), split(big, name)
+        assert len(q) == len(a) == n and len(big_q) == len(big_a) == (3 if name == "train2014" else 2) * n
+        assert big_q[:first] == q[:first] and big_a[:first] == a[:first]
+        assert len({x["question_id"] for x in big_q}) == len(big_q) and [x["question_id"] for x in big_a] == [x["question_id"] for x in big_q]
+        assert all((big / "vqa" / "images" / f"COCO_{name}_{x['image_id']:012d}.jpg").is_file() for x in big_q)
+    train_ids = {x["image_id"] for x in split(big, "train2014")[0]}
+    assert not train_ids & {x["image_id"] for x in split(big, "val2014")[0]}
+    same = ["coco/dataset_coco.json", "classification/val.txt", "videoqa/test_qa.json", "heldout/scenes.json"]
     assert all((ev / f).read_bytes() == (big / f).read_bytes() for f in same)
+
+
+def test_world_sizes_refuse_vqa_splits_smaller_than_the_demo_uses():
+    with pytest.raises(ValueError, match="vqa_test"):
+        WorldSizes(vqa_queries=600, vqa_test=500)
 
 
 def test_lm_corpus_never_contains_the_heldout_formats(world):
