@@ -183,8 +183,9 @@ def test_vqa_splits_grow_without_changing_the_other_sets(world, tmp_path):
     from dataclasses import replace
 
     sizes = WorldSizes.tiny()
-    bigger = generate_world(tmp_path / "bigger", seed=0, sizes=replace(sizes, vqa_train=3 * sizes.vqa_train, vqa_test=2 * sizes.vqa_test),
-                            parts=("eval",), progress=False)
+    grow = {"train2014": 3, "val2014": 2}
+    bigger = generate_world(tmp_path / "bigger", seed=0, progress=False, parts=("eval",),
+                            sizes=replace(sizes, vqa_train=grow["train2014"] * sizes.vqa_train, vqa_test=grow["val2014"] * sizes.vqa_test))
     ev, big = world / "eval", bigger / "eval"
 
     def split(root, name):
@@ -194,7 +195,7 @@ def test_vqa_splits_grow_without_changing_the_other_sets(world, tmp_path):
 
     for name, n, first in (("train2014", sizes.vqa_train, sizes.eval_support), ("val2014", sizes.vqa_test, sizes.vqa_queries)):
         (q, a), (big_q, big_a) = split(ev, name), split(big, name)
-        assert len(q) == len(a) == n and len(big_q) == len(big_a) == (3 if name == "train2014" else 2) * n
+        assert len(q) == len(a) == n and len(big_q) == len(big_a) == grow[name] * n
         assert big_q[:first] == q[:first] and big_a[:first] == a[:first]
         assert len({x["question_id"] for x in big_q}) == len(big_q) and [x["question_id"] for x in big_a] == [x["question_id"] for x in big_q]
         assert all((big / "vqa" / "images" / f"COCO_{name}_{x['image_id']:012d}.jpg").is_file() for x in big_q)

@@ -214,8 +214,10 @@ def _write_eval(rng: random.Random, root: Path, sizes: WorldSizes) -> tuple[dict
     # VQAv2: questions + annotations with 10 answers; train2014 = support (and fine-tuning data), val2014 = queries.
     vqa = root / "vqa"
     (vqa / "images").mkdir(parents=True, exist_ok=True)
-    splits = {"train2014": _vqa_questions(rng, vqa, "train2014", range(n_s), annotators),
-              "val2014": _vqa_questions(rng, vqa, "val2014", range(100000, 100000 + sizes.vqa_queries), annotators)}
+    ids = {"train2014": range(sizes.vqa_train), "val2014": range(100000, 100000 + sizes.vqa_test)}  # disjoint image ids
+    # the demo's sets (shots' pool, queries) first; the rest of each split at the end, from generators of its own
+    first = {"train2014": n_s, "val2014": sizes.vqa_queries}
+    splits = {split: _vqa_questions(rng, vqa, split, ids[split][: first[split]], annotators) for split in ids}
     out["vqa"] = str(vqa)
 
     # Classification (shape), ImageNet-style list files.
@@ -253,14 +255,11 @@ def _write_eval(rng: random.Random, root: Path, sizes: WorldSizes) -> tuple[dict
     (ho / "scenes.json").write_text(json.dumps(meta))
     out["heldout"] = str(ho)
 
-    # The rest of the VQA training split (as VQAv2's, larger than its test split: enough to fine-tune on), from
-    # its own generator after everything else, so that the sets above do not depend on its size.
-    extra = _vqa_questions(random.Random(rng.randrange(2**31)), vqa, "train2014", range(n_s, sizes.vqa_train), annotators)
-    splits["train2014"] = tuple(a + b for a, b in zip(splits["train2014"], extra))
-    # and the rest of its test split, the same way: the demo's queries (the first vqa_queries) do not depend on it
-    first = 100000 + sizes.vqa_queries
-    extra = _vqa_questions(random.Random(rng.randrange(2**31)), vqa, "val2014", range(first, first + sizes.vqa_test - sizes.vqa_queries), annotators)
-    splits["val2014"] = tuple(a + b for a, b in zip(splits["val2014"], extra))
+    # The rest of the VQA splits (the training one, as VQAv2's, larger than the test one: enough to fine-tune on),
+    # each from its own generator after everything else, so that the sets above do not depend on their sizes.
+    for split in ids:
+        extra = _vqa_questions(random.Random(rng.randrange(2**31)), vqa, split, ids[split][first[split]:], annotators)
+        splits[split] = tuple(a + b for a, b in zip(splits[split], extra))
     for split, (qs, anns) in splits.items():
         (vqa / f"v2_OpenEnded_mscoco_{split}_questions.json").write_text(json.dumps({"task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": split, "questions": qs}))
         (vqa / f"v2_mscoco_{split}_annotations.json").write_text(json.dumps({"data_type": "mscoco", "data_subtype": split, "annotations": anns}))
