@@ -49,6 +49,9 @@ def test_yaml_and_overrides(tmp_path):
         (["datasets.5.batch_size=1"], r"not an index of a list of 2"),
         (["steps"], r"must look like key=value"),
         (["datasets.0.p_next=1.5"], r"p_next must be in \[0, 1\]"),
+        (["schedule=wsd"], r"schedule 'wsd' needs 0 < decay_steps <= steps - warmup_steps \(10\), got 0"),
+        (["schedule=wsd", "decay_steps=11"], r"decay_steps <= steps - warmup_steps \(10\), got 11"),
+        (["decay_steps=-1"], r"decay_steps must be >= 0"),
     ],
 )
 def test_config_errors_name_the_key(overrides, message):

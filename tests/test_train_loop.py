@@ -105,6 +105,11 @@ def test_optimizer_groups_and_schedule():
     assert s(4) == 1.0 and s(9) == pytest.approx(0.55) and s(14) == pytest.approx(0.1) and s(100) == pytest.approx(0.1)
     c = WarmupSchedule(2, 10, "constant")
     assert [c(t) for t in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+    w = WarmupSchedule(2, 10, "wsd", min_ratio=0.2, decay=4)  # steps 0-1 warm up, 2-6 at 1, then down to 0.2 at step 10
+    assert [w(t) for t in range(11)] == pytest.approx([0.5, 1, 1, 1, 1, 1, 1, 0.8, 0.6, 0.4, 0.2])
+    for bad in (0, 9):
+        with pytest.raises(ValueError, match="decay_steps"):
+            WarmupSchedule(2, 10, "wsd", decay=bad)
 
 
 def test_warmup_and_one_clip_per_optimizer_step(data, tmp_path, monkeypatch):

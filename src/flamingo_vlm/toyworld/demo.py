@@ -35,9 +35,10 @@ BRIDGE = dict(
 
 @dataclass
 class DemoSettings:
-    steps: int = 2000
+    steps: int = 1700
     lr: float = 1e-3
     warmup_steps: int = 50
+    decay_steps: int = 300  # the rate is constant until the last decay_steps, then falls linearly to 0 (schedule wsd)
     interleaved_batch: int = 8
     interleaved_max_images: int = 9  # an 8-shot prompt holds 9 images: train on as many
     interleaved_max_tokens: int = 192
@@ -55,12 +56,12 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> "DemoSettings":
-        return cls(steps=600, queries=60, vqa_queries=60)
+        return cls(steps=600, decay_steps=100, queries=60, vqa_queries=60)
 
     @classmethod
     def tiny(cls) -> "DemoSettings":
         """For tests: a few steps and queries, end to end."""
-        return cls(steps=6, warmup_steps=2, interleaved_batch=2, pairs_batch=2, video_batch=1, shots=(0, 2), queries=4, vqa_queries=4, eval_batch_size=4, eval_seeds=1,
+        return cls(steps=6, warmup_steps=2, decay_steps=2, interleaved_batch=2, pairs_batch=2, video_batch=1, shots=(0, 2), queries=4, vqa_queries=4, eval_batch_size=4, eval_seeds=1,
                    probe_every=3, probe_queries=4)
 
 
@@ -229,6 +230,7 @@ def run_demo(out_dir: str | Path = "flamingo-demo", *, quick: bool = False, seed
                           max_tokens=32, num_frames=8),
         ],
         steps=settings.steps, lr=settings.lr, warmup_steps=settings.warmup_steps, weight_decay=0.0, output_dir=str(out / "train"),
+        schedule="wsd", decay_steps=settings.decay_steps,  # a decay at the end, after the skills form (docs/toyworld.md "Time")
         gate_lr_multiplier=10.0,  # minutes of training, not 500k steps: the gates must open faster
         checkpoint_every=settings.steps, seed=seed,
         cache_vision_features=True,  # 4 epochs of the documents, ~7 of the videos: each frame is encoded once

@@ -112,8 +112,9 @@ class TrainConfig:
     # optimisation
     lr: float = 1e-4
     warmup_steps: int = 0
-    schedule: Literal["constant", "cosine"] = "constant"
-    min_lr_ratio: float = 0.0  # cosine: the final lr as a fraction of lr
+    schedule: Literal["constant", "cosine", "wsd"] = "constant"  # wsd: warmup, constant, then a linear decay
+    min_lr_ratio: float = 0.0  # cosine, wsd: the final lr as a fraction of lr
+    decay_steps: int = 0  # wsd: the steps of the final decay
     weight_decay: float = 0.1  # on the xattn blocks' weight matrices; 0 on the resampler and embeddings
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -188,13 +189,13 @@ class TrainConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        for key in ("warmup_steps", "checkpoint_every", "keep_last", "num_workers", "vision_feature_cache_mib"):
+        for key in ("warmup_steps", "decay_steps", "checkpoint_every", "keep_last", "num_workers", "vision_feature_cache_mib"):
             if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.log_every < 1:
             raise ValueError("log_every must be >= 1")
         checks = {
-            "schedule": ("constant", "cosine"), "mixture": ("accumulate", "round_robin"), "precision": ("fp32", "bf16"),
+            "schedule": ("constant", "cosine", "wsd"), "mixture": ("accumulate", "round_robin"), "precision": ("fp32", "bf16"),
             "frozen_dtype": ("fp32", "bf16", None), "distributed": ("fsdp", "ddp", "hsdp"), "frozen_sharding": ("fsdp", "replicate"), "nan_policy": ("skip", "stop"),
         }
         for key, allowed in checks.items():
@@ -215,7 +216,9 @@ class TrainConfig:
         unknown = sorted(set(self.lora) - set(LORA_KEYS))
         if unknown:
             raise ValueError(f"lora: unknown key(s) {unknown}; expected some of {sorted(LORA_KEYS)}")
-        from .optim import LR_PARTS
+        from .optim import LR_PARTS, WarmupSchedule
+
+        WarmupSchedule(self.warmup_steps, self.steps, self.schedule, self.min_lr_ratio, self.decay_steps)  # its checks, before the run starts
 
         unknown = sorted(set(self.lr_multipliers) - set(LR_PARTS))
         if unknown:

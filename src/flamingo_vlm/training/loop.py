@@ -217,7 +217,8 @@ def train(
         named, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas, eps=config.eps,
         gate_lr_multiplier=config.gate_lr_multiplier, lr_multipliers=config.lr_multipliers,
     )
-    scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=config.steps, kind=config.schedule, min_lr_ratio=config.min_lr_ratio)
+    scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=config.steps, kind=config.schedule,
+                                min_lr_ratio=config.min_lr_ratio, decay_steps=config.decay_steps)
     trainer_state: dict = {}
     if resume_from:
         trainer_state = load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler, env=env)

@@ -49,6 +49,7 @@ def split_gates(groups: list[dict], lr: float, multiplier: float) -> list[dict]:
 # The parts of a fine-tuned model that may have their own learning rate (``lr_multipliers`` in TrainConfig),
 # by the prefix of their flamingo_state_dict names (flamingo_vlm.modeling.finetune); the rest is the bridge.
 LR_PARTS = {"vision": "vision_encoder.", "lm": "lm_layers.", "lora": "lora."}
+SCHEDULES = ("constant", "cosine", "wsd")
 
 
 def split_parts(groups: list[dict], lr: float, multipliers: dict[str, float]) -> list[dict]:
@@ -91,22 +92,35 @@ def build_optimizer(
 
 
 class WarmupSchedule:
-    """lr multiplier for optimizer step ``t`` (0-based): (t+1)/warmup during warm-up, then 1 (constant)
-    or a cosine from 1 down to ``min_ratio`` at ``total`` steps. A class, not a lambda, so it pickles."""
+    """lr multiplier for optimizer step ``t`` (0-based): (t+1)/warmup during warm-up, then
 
-    def __init__(self, warmup: int, total: int, kind: str = "constant", min_ratio: float = 0.0) -> None:
-        if kind not in ("constant", "cosine"):
-            raise ValueError(f"schedule must be 'constant' or 'cosine', got {kind!r}")
-        self.warmup, self.total, self.kind, self.min_ratio = warmup, total, kind, min_ratio
+    - ``constant``: 1;
+    - ``cosine``: a cosine from 1 down to ``min_ratio`` at ``total`` steps;
+    - ``wsd`` (warmup-stable-decay): 1, then over the last ``decay`` steps a straight line down to
+      ``min_ratio`` (reached at step ``total``). A short decay at the end of a constant rate gives most of a
+      cosine's gain without lowering the rate while the skills form.
+
+    A class, not a lambda, so it pickles."""
+
+    def __init__(self, warmup: int, total: int, kind: str = "constant", min_ratio: float = 0.0, decay: int = 0) -> None:
+        if kind not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {kind!r}")
+        if kind == "wsd" and not 0 < decay <= total - warmup:
+            raise ValueError(f"schedule 'wsd' needs 0 < decay_steps <= steps - warmup_steps ({total - warmup}), got {decay}")
+        self.warmup, self.total, self.kind, self.min_ratio, self.decay = warmup, total, kind, min_ratio, decay
 
     def __call__(self, t: int) -> float:
         if t < self.warmup:
             return (t + 1) / self.warmup
         if self.kind == "constant":
             return 1.0
+        if self.kind == "wsd":
+            left = min(1.0, max(0.0, (self.total - t) / self.decay))  # 1 until the decay starts, 0 at ``total``
+            return self.min_ratio + (1.0 - self.min_ratio) * left
         progress = min(1.0, (t - self.warmup) / max(1, self.total - self.warmup))
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int, kind: str = "constant", min_lr_ratio: float = 0.0):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupSchedule(warmup_steps, total_steps, kind, min_lr_ratio))
+def build_scheduler(optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int, kind: str = "constant", min_lr_ratio: float = 0.0,
+                    decay_steps: int = 0):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupSchedule(warmup_steps, total_steps, kind, min_lr_ratio, decay_steps))
