@@ -52,6 +52,7 @@ def test_yaml_and_overrides(tmp_path):
         (["schedule=wsd"], r"schedule 'wsd' needs 0 < decay_steps <= steps - warmup_steps \(10\), got 0"),
         (["schedule=wsd", "decay_steps=11"], r"decay_steps <= steps - warmup_steps \(10\), got 11"),
         (["decay_steps=-1"], r"decay_steps must be >= 0"),
+        (["schedule=linear"], r"schedule must be one of \('constant', 'cosine', 'wsd'\), got 'linear'"),
     ],
 )
 def test_config_errors_name_the_key(overrides, message):

@@ -195,7 +195,7 @@ class TrainConfig:
         if self.log_every < 1:
             raise ValueError("log_every must be >= 1")
         checks = {
-            "schedule": ("constant", "cosine", "wsd"), "mixture": ("accumulate", "round_robin"), "precision": ("fp32", "bf16"),
+            "mixture": ("accumulate", "round_robin"), "precision": ("fp32", "bf16"),
             "frozen_dtype": ("fp32", "bf16", None), "distributed": ("fsdp", "ddp", "hsdp"), "frozen_sharding": ("fsdp", "replicate"), "nan_policy": ("skip", "stop"),
         }
         for key, allowed in checks.items():
@@ -218,7 +218,7 @@ class TrainConfig:
             raise ValueError(f"lora: unknown key(s) {unknown}; expected some of {sorted(LORA_KEYS)}")
         from .optim import LR_PARTS, WarmupSchedule
 
-        WarmupSchedule(self.warmup_steps, self.steps, self.schedule, self.min_lr_ratio, self.decay_steps)  # its checks, before the run starts
+        WarmupSchedule(self.warmup_steps, self.steps, self.schedule, self.min_lr_ratio, self.decay_steps)  # its checks (schedule, decay_steps), before the run
 
         unknown = sorted(set(self.lr_multipliers) - set(LR_PARTS))
         if unknown:
