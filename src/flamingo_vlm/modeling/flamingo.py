@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers.masking_utils import find_packed_sequence_indices
 from torch import nn
 
 from ..config import FlamingoConfig
@@ -31,7 +32,7 @@ from .lm import (
     route_context,
     wrap_lm,
 )
-from .loss import PLAIN_HEAD_MODEL_TYPES, causal_lm_loss, head_cross_entropy
+from .loss import PLAIN_HEAD_MODEL_TYPES, causal_lm_loss, causal_lm_loss_weighted, head_cross_entropy, head_cross_entropy_weighted
 from .masking import build_routing
 from .resampler import FeatureTokens, PerceiverResampler
 from .vision import VisionEncoder
@@ -44,12 +45,14 @@ WEIGHTS_NAME = "model.safetensors"
 class FlamingoOutput:
     """loss: scalar token NLL over labels != -100, mean or sum (None without labels); logits [B, L, V]
     (None when the loss was fused with the LM head); cache: the LM's KV cache when use_cache;
-    visual_tokens [M, n, d_visual]."""
+    visual_tokens [M, n, d_visual]; token_nll [B, L]: with ``loss_weights``, each label's NLL (detached, 0 where
+    ignored)."""
 
     loss: torch.Tensor | None
     logits: torch.Tensor | None  # None when the loss was fused with the LM head (``return_logits=False``)
     cache: Any = None
     visual_tokens: torch.Tensor | None = None
+    token_nll: torch.Tensor | None = None
 
     def __getitem__(self, key: str):
         return getattr(self, key)
@@ -370,6 +373,7 @@ class FlamingoModel(nn.Module):
         media_kv: MediaKV | None = None,
         media_offsets: torch.Tensor | None = None,
         last_positions: int | None = None,
+        segments: torch.Tensor | None = None,
     ) -> MediaContext:
         """The media context of one LM call: the one way to build it (forward, generation, scoring, bench).
 
@@ -380,6 +384,8 @@ class FlamingoModel(nn.Module):
         media_offsets [B]: index in visual_tokens of each row's first medium; by default rows own consecutive
         media in row order. Rows may share media (beams of one prompt, candidates scored after one prompt).
         last_positions: route only the last k tokens of each row (the tokens the LM is about to run).
+        segments [B, L]: packed samples (which sample each token belongs to, non-decreasing along a row): a token
+        sees no medium of another sample.
         """
         counts = (input_ids == self.config.media_token_id).sum(dim=1)
         if visual_tokens is None:
@@ -403,6 +409,7 @@ class FlamingoModel(nn.Module):
             eos_token_id=c.eos_token_id if (c.reset_media_at_eos or c.reset_media_after_eos) else None,
             eos_sees_media=c.reset_media_after_eos,
             last_positions=last_positions,
+            segments=segments,
         )
         return MediaContext(visual_tokens=visual_tokens, routing=routing, media_kv=media_kv)
 
@@ -422,6 +429,7 @@ class FlamingoModel(nn.Module):
         past_input_ids: torch.Tensor | None = None,
         return_logits: bool = True,
         loss_reduction: str = "mean",
+        loss_weights: torch.Tensor | None = None,
         **lm_kwargs: Any,
     ) -> FlamingoOutput:
         """input_ids / attention_mask / labels [B, L]; media as pixel_values [M, T, C, H, W] (or [M, C, H, W],
@@ -436,15 +444,29 @@ class FlamingoModel(nn.Module):
         tokens. ``return_logits=False`` (training) computes it fused with the LM head where the LM allows
         (:func:`~flamingo_vlm.modeling.loss.head_cross_entropy`), never holding the [B, L, V] logits; ``logits``
         is then None.
+
+        Packed samples (training): several samples in a row, ``attention_mask=None`` and ``position_ids`` [B, L]
+        restarting at 0 for each sample (padding at a row's end counts on as one more sample). The LM then
+        attends within each sample (transformers' packed-sequence masks), and so does the cross-attention. The
+        first token of a sample must have label -100 (the causal shift would predict it from the previous one).
+
+        ``loss_weights`` [B, L] (aligned with labels): ``loss`` is then sum_t loss_weights[t] * NLL(labels[t])
+        (``loss_reduction`` "sum"), and ``token_nll`` holds each label's NLL.
         """
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if loss_weights is not None and (labels is None or loss_weights.shape != labels.shape or loss_reduction != "sum"):
+            raise ValueError("loss_weights weigh the labels' NLL in a sum: pass labels of the same shape and loss_reduction='sum'")
         full_ids = input_ids if past_input_ids is None else torch.cat([past_input_ids, input_ids], dim=1)
         visual, _ = self._visual_tokens(full_ids, pixel_values, frame_mask, vision_features, visual_tokens)
         if media_kv is not None and visual_tokens is None:
             raise ValueError("media_kv are the keys/values of visual_tokens: pass both")
         last = None if past_input_ids is None else input_ids.shape[1]
-        context = self.media_context(full_ids, visual, media_kv=media_kv, last_positions=last)
+        segments = None
+        if attention_mask is None and past_input_ids is None and cache is None and lm_kwargs.get("position_ids") is not None:
+            # the LM's rule for packed samples, so that cross-attention splits a row where self-attention does
+            segments = find_packed_sequence_indices(lm_kwargs["position_ids"].expand_as(input_ids))
+        context = self.media_context(full_ids, visual, media_kv=media_kv, last_positions=last, segments=segments)
         if attention_mask is not None and "position_ids" not in lm_kwargs:
             positions = padded_position_ids(attention_mask, input_ids.shape[1])
             if positions is not None:
@@ -453,13 +475,23 @@ class FlamingoModel(nn.Module):
             raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
         lm_inputs = dict(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=use_cache, **lm_kwargs)
         lm_inputs[CONTEXT_KWARG] = context
+        token_nll = None
         if labels is not None and not return_logits and not use_cache and self.fused_loss_supported:
             hidden = self.lm.base_model(**lm_inputs)[0]
-            loss = head_cross_entropy(hidden, self.lm.get_output_embeddings(), labels, loss_reduction)
-            return FlamingoOutput(loss=loss, logits=None, visual_tokens=visual)
+            head = self.lm.get_output_embeddings()
+            if loss_weights is not None:
+                loss, token_nll = head_cross_entropy_weighted(hidden, head, labels, loss_weights)
+            else:
+                loss = head_cross_entropy(hidden, head, labels, loss_reduction)
+            return FlamingoOutput(loss=loss, logits=None, visual_tokens=visual, token_nll=token_nll)
         out = self.lm(**lm_inputs)
-        loss = None if labels is None else causal_lm_loss(out.logits, labels, loss_reduction)
-        return FlamingoOutput(loss=loss, logits=out.logits, cache=getattr(out, "cache", None), visual_tokens=visual)
+        if labels is None:
+            loss = None
+        elif loss_weights is not None:
+            loss, token_nll = causal_lm_loss_weighted(out.logits, labels, loss_weights)
+        else:
+            loss = causal_lm_loss(out.logits, labels, loss_reduction)
+        return FlamingoOutput(loss=loss, logits=out.logits, cache=getattr(out, "cache", None), visual_tokens=visual, token_nll=token_nll)
 
     @property
     def fused_loss_supported(self) -> bool:

@@ -16,22 +16,31 @@ import torch.nn.functional as F
 
 
 def media_index(
-    input_ids: torch.Tensor, media_token_id: int, eos_token_id: int | None = None, eos_sees_media: bool = False
+    input_ids: torch.Tensor, media_token_id: int, eos_token_id: int | None = None, eos_sees_media: bool = False,
+    segments: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token, the local index of the last ``<image>`` at or before it, and of the first image it may see.
 
     input_ids [B, L] -> (last [B, L], first [B, L]), ``last == -1`` where no image is visible. ``first`` is 0,
-    or, when ``eos_token_id`` is given (packed documents), the number of images before the token's document:
-    a document starts after each EOS, and the EOS itself closes the previous one and sees no image (with
-    ``eos_sees_media``, it still sees its document's image: IDEFICS's rule).
+    or, when ``eos_token_id`` is given (documents separated by EOS), the number of images before the token's
+    document: a document starts after each EOS, and the EOS itself closes the previous one and sees no image
+    (with ``eos_sees_media``, it still sees its document's image: IDEFICS's rule). ``segments`` [B, L]
+    (packed samples, non-decreasing along a row: transformers' ``find_packed_sequence_indices``): a token
+    sees no image of an earlier segment.
     """
-    count = (input_ids == media_token_id).long().cumsum(dim=1)  # images at or before each position
+    is_media = (input_ids == media_token_id).long()
+    count = is_media.cumsum(dim=1)  # images at or before each position
     first = torch.zeros_like(count)
     if eos_token_id is not None:
         at_eos = torch.where(input_ids == eos_token_id, count, torch.zeros_like(count))
         first = at_eos.cummax(dim=1).values  # count is non-decreasing, so this is its value at the last EOS
         if eos_sees_media:  # the last EOS strictly before each token
             first = torch.cat([torch.zeros_like(first[:, :1]), first[:, :-1]], dim=1)
+    if segments is not None:
+        starts = torch.ones_like(segments, dtype=torch.bool)
+        starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+        before = torch.where(starts, count - is_media, torch.zeros_like(count))  # images before each segment's start
+        first = torch.maximum(first, before.cummax(dim=1).values)
     last = torch.where(count > first, count - 1, torch.full_like(count, -1))
     return last, first
 
@@ -140,9 +149,11 @@ def build_routing(
     eos_token_id: int | None = None,
     last_positions: int | None = None,
     eos_sees_media: bool = False,
+    segments: torch.Tensor | None = None,
 ) -> MediaRouting:
-    """Routing for ``input_ids`` [B, L]; with ``last_positions=k``, for its last k tokens only (decoding)."""
-    last, first = media_index(input_ids, media_token_id, eos_token_id, eos_sees_media)
+    """Routing for ``input_ids`` [B, L]; with ``last_positions=k``, for its last k tokens only (decoding);
+    ``segments`` [B, L]: packed samples (:func:`media_index`)."""
+    last, first = media_index(input_ids, media_token_id, eos_token_id, eos_sees_media, segments)
     if last_positions is not None:
         last, first = last[:, -last_positions:], first[:, -last_positions:]
     if mode == "last":

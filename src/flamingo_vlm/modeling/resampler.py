@@ -142,6 +142,19 @@ class PerceiverResampler(nn.Module):
         m, t, s, _ = features.shape
         if frame_mask is not None and frame_mask.shape != (m, t):
             raise ValueError(f"frame_mask must have shape {(m, t)}, got {tuple(frame_mask.shape)}")
+        if frame_mask is not None:
+            mask = frame_mask.bool()
+            counts = mask.sum(dim=1)
+            if bool((mask == (torch.arange(t, device=mask.device) < counts[:, None])).all()):
+                # real frames first (stack_media's layout): resample the media of n frames as [*, n, S, d], so that
+                # padding frames cost nothing (a batch of images and 8-frame videos costs what the two cost apart)
+                groups = [(counts == n).nonzero().squeeze(1) for n in counts.unique().tolist()]
+                outs = [self._resample(features[rows, : int(counts[rows[0]])], None) for rows in groups]
+                return torch.cat(outs)[torch.argsort(torch.cat(groups))]
+        return self._resample(features, frame_mask)
+
+    def _resample(self, features: torch.Tensor, frame_mask: torch.Tensor | None) -> torch.Tensor:
+        m, t, s, _ = features.shape
         x = features + self.frame_time_embeddings(t, frame_mask).to(features.dtype)[:, :, None, :]
         if self.spatial_embeddings is not None:
             if s != self.spatial_embeddings.shape[0]:

@@ -121,6 +121,11 @@ class TrainConfig:
     grad_clip: float | None = 1.0  # global norm, once per optimizer step; null/0 disables
     gate_lr_multiplier: float = 1.0  # the tanh gates' lr relative to lr (>1 opens them faster in short runs)
     mixture: Literal["accumulate", "round_robin"] = "accumulate"
+    # pack each step's samples (of every dataset it uses) end to end in rows of this many tokens, one forward for
+    # all of them, instead of one padded batch per dataset (data/packing.py); at least every dataset's max_tokens.
+    # Needs an LM that honours packed position ids (transformers' packed-sequence masks: checked at the start)
+    pack_length: int | None = None
+    pack_micro_batch_rows: int | None = None  # packed rows per forward on each process (default: all of the step's)
     # precision and speed
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast of the forward where the device supports it
     frozen_dtype: Literal["fp32", "bf16"] | None = None  # store the frozen backbones in this dtype
@@ -201,6 +206,14 @@ class TrainConfig:
         for key, allowed in checks.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        if self.pack_length is not None:
+            from ..data.mixture import DEFAULT_MAX_TOKENS
+
+            longest = {d.name: d.max_tokens or DEFAULT_MAX_TOKENS[d.format] for d in self.datasets}
+            if self.pack_length < max(longest.values()):
+                raise ValueError(f"pack_length {self.pack_length} is shorter than a dataset's max_tokens ({longest}): a sample must fit a row")
+        if self.pack_micro_batch_rows is not None and (self.pack_length is None or self.pack_micro_batch_rows < 1):
+            raise ValueError("pack_micro_batch_rows is the packed rows per forward: it needs pack_length, and must be >= 1")
         if self.distributed == "hsdp" and (self.shard_size is None or self.shard_size < 1):
             raise ValueError("distributed: hsdp needs shard_size (processes per shard group, e.g. the GPUs of a node) >= 1")
         unknown = sorted(set(self.flamingo) - {f.name for f in dataclasses.fields(FlamingoConfig)})

@@ -29,6 +29,7 @@ import torch
 
 from ..data.labels import collate
 from ..data.mixture import COUNT_KEYS, Mixture
+from ..data.packing import collate_packed
 from ..data.samples import Sample
 from .checkpoint import CHECKPOINTS_DIR, PendingCheckpoint, checkpoint_dir_name, latest_checkpoint, load_checkpoint, save_checkpoint, save_final
 from .comm import count_collectives
@@ -60,8 +61,18 @@ class DatasetBatch:
 
     index: int
     weight: float
-    micro: list[dict]
+    micro: list[dict]  # empty when the step's samples are packed together (StepBatches.packed)
     num_targets: int  # target tokens of this dataset's *global* batch this step
+    num_tokens: int = 0  # this rank's non-padding tokens
+    keys: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StepBatches:
+    """A step's data on this rank: per dataset, and (``pack_length``) the micro-batches packing them all."""
+
+    parts: list[DatasetBatch]
+    packed: list[dict] = field(default_factory=list)
 
 
 def micro_batches(samples: list[Sample], size: int | None, *, pad_token_id: int, media_token_id: int,
@@ -76,15 +87,21 @@ def micro_batches(samples: list[Sample], size: int | None, *, pad_token_id: int,
 
 
 def forward_backward(model, parts: list[DatasetBatch], *, device: torch.device, precision: str = "fp32", world_size: int = 1,
-                     reduce_every_micro_step: bool = False, feature_cache: VisionFeatureCache | None = None) -> torch.Tensor:
+                     reduce_every_micro_step: bool = False, feature_cache: VisionFeatureCache | None = None,
+                     packed: list[dict] | None = None) -> torch.Tensor:
     """Accumulate the step's gradient: sum_d weight_d * grad(sum NLL_d) / num_targets_d.
 
     Gradients are scaled by ``world_size`` because the data-parallel reduction averages over processes
     while the objective sums them. The reduction runs once, in the last backward, unless
     ``reduce_every_micro_step`` (then each backward reduce-scatters, and no unsharded gradient is kept).
-    ``feature_cache``: the vision features come from it (computed once per distinct frame).
+    ``feature_cache``: the vision features come from it (computed once per distinct frame). ``packed``: the
+    parts' samples packed together (:func:`~flamingo_vlm.data.packing.collate_packed`, the parts in order as its
+    datasets): one forward per packed micro-batch, each token weighted by its dataset's weight / targets.
     Returns this rank's NLL sum per part [len(parts)] (detached).
     """
+    if packed:
+        return _forward_backward_packed(model, parts, packed, device=device, precision=precision, world_size=world_size,
+                                        reduce_every_micro_step=reduce_every_micro_step, feature_cache=feature_cache)
     total = sum(len(p.micro) for p in parts)
     done = 0
     sums = []
@@ -108,25 +125,88 @@ def forward_backward(model, parts: list[DatasetBatch], *, device: torch.device, 
     return torch.stack(sums) if sums else torch.zeros(0, device=device)
 
 
-def take_step_batches(mixture: Mixture, step: int, config: TrainConfig, env: DistEnv) -> list[DatasetBatch]:
-    """This rank's micro-batches of every dataset the step uses, each normalised by its *global* target
-    count (one all-reduce), so that N processes compute exactly what one process would."""
-    parts = [
-        DatasetBatch(d, config.datasets[d].loss_weight,
-                     micro_batches(samples, config.datasets[d].micro_batch_size, pad_token_id=mixture.pad_token_id,
-                                   media_token_id=mixture.media_token_id, pin_memory=pin_memory(config, env.device.type)), 0)
-        for d, samples in mixture.next_samples(step)
-    ]
-    targets = torch.tensor([float(sum(b["num_targets"] for b in p.micro)) for p in parts], dtype=torch.float64, device=env.device)
+def _forward_backward_packed(model, parts: list[DatasetBatch], packed: list[dict], *, device: torch.device, precision: str,
+                             world_size: int, reduce_every_micro_step: bool, feature_cache: VisionFeatureCache | None) -> torch.Tensor:
+    scales = torch.tensor([p.weight * world_size / max(p.num_targets, 1) for p in parts], dtype=torch.float32, device=device)
+    sums = torch.zeros(len(parts), dtype=torch.float32, device=device)
+    for i, batch in enumerate(packed):
+        set_gradient_sync(model, reduce_every_micro_step or i == len(packed) - 1)
+        dataset = batch["dataset"].to(device, non_blocking=True)
+        inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "position_ids", "labels")}
+        weights = torch.where(dataset >= 0, scales[dataset.clamp(min=0)], torch.zeros((), device=device))
+        with autocast_context(precision, device):
+            if batch["pixel_values"] is None:
+                media = {}
+            elif feature_cache is not None:
+                media = {"vision_features": feature_cache(batch["pixel_values"], batch["frame_mask"], device)}
+            else:
+                media = {"pixel_values": batch["pixel_values"].to(device, non_blocking=True)}
+            if batch["frame_mask"] is not None:
+                media["frame_mask"] = batch["frame_mask"].to(device, non_blocking=True)
+            out = model(**inputs, **media, attention_mask=None, loss_weights=weights, return_logits=False, loss_reduction="sum")
+        out.loss.backward()
+        real = dataset >= 0
+        sums.index_add_(0, dataset[real], out.token_nll[real].float())
+    return sums
+
+
+def check_packed_attention(model, device: torch.device) -> None:
+    """Raise unless the LM keeps packed samples apart: a sample's logits after another in the same row (position
+    ids restarting at 0, no attention mask) must be its logits alone. LMs whose transformers code builds its masks
+    with ``create_causal_mask`` do (Llama, Mistral, Qwen, Gemma, ...); others would let samples see each other."""
+    vocab = min(int(model.config.new_token_ids[0]) if model.config.new_token_ids else model.lm.config.vocab_size, 1000)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(0, vocab, (1, 7), generator=g), torch.randint(0, vocab, (1, 5), generator=g)
+    ids = torch.cat([a, b], dim=1).to(device)
+    positions = torch.cat([torch.arange(7), torch.arange(5)])[None].to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            packed = model(ids, attention_mask=None, position_ids=positions).logits[:, 7:].float()
+            alone = model(b.to(device)).logits.float()
+    finally:
+        model.train(was_training)
+    tol = (1e-3 if next(model.lm.parameters()).dtype == torch.float32 else 5e-2) * (1 + alone.abs().max().item())
+    if not torch.allclose(packed, alone, rtol=0, atol=tol):
+        raise ValueError(
+            f"pack_length: this LM ({type(model.lm).__name__}) does not keep packed samples apart (a sample's logits after "
+            f"another differ from its logits alone by up to {(packed - alone).abs().max().item():.3g}): its attention ignores "
+            "restarting position ids. Train without packing (pack_length: null)."
+        )
+
+
+def take_step_batches(mixture: Mixture, step: int, config: TrainConfig, env: DistEnv) -> StepBatches:
+    """This rank's micro-batches of every dataset the step uses (or, with ``pack_length``, of all of them packed
+    together), each dataset normalised by its *global* target count (one all-reduce), so that N processes
+    compute exactly what one process would."""
+    pin = pin_memory(config, env.device.type)
+    kw = dict(pad_token_id=mixture.pad_token_id, media_token_id=mixture.media_token_id)
+    drawn = mixture.next_samples(step)
+    packed: list[dict] = []
+    if config.pack_length:
+        packed = collate_packed([samples for _, samples in drawn], length=config.pack_length, rows_per_batch=config.pack_micro_batch_rows, **kw)
+        if pin:
+            packed = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in packed]
+        parts = [DatasetBatch(d, config.datasets[d].loss_weight, [], sum(b["num_targets"][j] for b in packed),
+                              sum(b["num_tokens"][j] for b in packed), [s.key for s in samples])
+                 for j, (d, samples) in enumerate(drawn)]
+    else:
+        parts = []
+        for d, samples in drawn:
+            micro = micro_batches(samples, config.datasets[d].micro_batch_size, pin_memory=pin, **kw)
+            parts.append(DatasetBatch(d, config.datasets[d].loss_weight, micro, sum(b["num_targets"] for b in micro),
+                                      sum(b["num_tokens"] for b in micro), [k for b in micro for k in b["keys"]]))
+    targets = torch.tensor([float(p.num_targets) for p in parts], dtype=torch.float64, device=env.device)
     for p, n in zip(parts, env.all_reduce_sum(targets).tolist()):
         p.num_targets = int(n)
-    return parts
+    return StepBatches(parts, packed)
 
 
 def reduce_step_stats(nll: torch.Tensor, parts: list[DatasetBatch], mixture: Mixture, env: DistEnv) -> tuple[dict[int, float], int, list[dict[str, int]]]:
     """One all-reduce for the step's metrics: (mean token loss per dataset index, tokens of the global
     batch, skip/drop counts so far per dataset)."""
-    tokens = [float(sum(b["num_tokens"] for b in p.micro)) for p in parts]
+    tokens = [float(p.num_tokens) for p in parts]
     counts = mixture.counts()
     stats = torch.cat([
         nll.double(),
@@ -145,7 +225,7 @@ def reduce_step_stats(nll: torch.Tensor, parts: list[DatasetBatch], mixture: Mix
 def non_finite_report(step: int, loss: float, losses: dict[int, float], grad_norm: float, parts: list[DatasetBatch], names: list[str]) -> str:
     """Which step, dataset and samples gave a NaN/inf loss or gradient."""
     bad = [names[p.index] for p in parts if not math.isfinite(losses[p.index])] or ["(gradient)"]
-    keys = [key for p in parts if names[p.index] in bad or bad == ["(gradient)"] for b in p.micro for key in b["keys"]]
+    keys = [key for p in parts if names[p.index] in bad or bad == ["(gradient)"] for key in p.keys]
     per_dataset = {names[d]: v for d, v in losses.items()}
     return (f"step {step}: non-finite loss {loss} (per dataset: {per_dataset}, grad norm {grad_norm}) in {', '.join(bad)}; "
             f"batch: {keys[:8]}{' ...' if len(keys) > 8 else ''}")
@@ -211,6 +291,8 @@ def train(
     resume_from = env.broadcast_object(str(found) if found else None)  # one decision for every process
 
     prepare_model(model, config, env)
+    if config.pack_length:
+        check_packed_attention(model, env.device)
     named = list(model.trainable_parameters())
     params = [p for _, p in named]
     optimizer = build_optimizer(
@@ -251,10 +333,12 @@ def train(
     try:
         for step in range(start, config.steps):
             t0 = time.perf_counter()
-            parts = take_step_batches(mixture, step, config, env)
+            batches = take_step_batches(mixture, step, config, env)
+            parts = batches.parts
             with count_collectives() if config.count_communication else contextlib.nullcontext() as comm:
                 nll = forward_backward(model, parts, device=env.device, precision=config.precision, world_size=env.world_size,
-                                       reduce_every_micro_step=config.reduce_every_micro_step, feature_cache=feature_cache)
+                                       reduce_every_micro_step=config.reduce_every_micro_step, feature_cache=feature_cache,
+                                       packed=batches.packed)
             losses, tokens, counts = reduce_step_stats(nll, parts, mixture, env)
             loss = sum(weights[d] * v for d, v in losses.items())
             grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, config.grad_clip or math.inf)).item()  # once per step
@@ -311,4 +395,4 @@ def train(
     return result
 
 
-__all__ = ["CHECKPOINTS_DIR", "TrainResult", "forward_backward", "micro_batches", "resolve_resume", "train"]
+__all__ = ["CHECKPOINTS_DIR", "TrainResult", "check_packed_attention", "forward_backward", "micro_batches", "resolve_resume", "train"]

@@ -20,7 +20,7 @@ RUN_CONFIG_NAME = "run_config.json"
 OPERATIONAL_KEYS = frozenset({
     "output_dir", "resume", "log_every", "tensorboard", "checkpoint_every", "keep_last", "save_final", "num_workers", "pin_memory",
     "prefetch_factor", "device", "compile", "compile_backend", "gradient_checkpointing",
-    "cache_vision_features", "vision_feature_cache_mib",
+    "cache_vision_features", "vision_feature_cache_mib", "pack_length", "pack_micro_batch_rows",  # the same objective, another layout
     # how the processes share the work: a checkpoint resumes on another layout or world size
     "distributed", "shard_size", "frozen_sharding", "reduce_every_micro_step", "sharded_construction", "async_checkpoint",
     "count_communication",
