@@ -55,6 +55,7 @@ def test_two_processes_give_the_single_process_loss_curve(tmp_path):
            str(path), f"output_dir={tmp_path / 'ddp'}", "distributed=ddp", "save_final=false", "--no-progress", "::",
            str(path), f"output_dir={tmp_path / 'fsdp-resumed'}", f"resume={tmp_path / 'fsdp' / 'checkpoints' / 'step-00000002'}",
            "save_final=false", "async_checkpoint=true", "checkpoint_every=1", "--no-progress", "::",
+           str(path), f"output_dir={tmp_path / 'fsdp-packed'}", "pack_length=64", "save_final=false", "--no-progress", "::",
            str(path), *big]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -64,7 +65,7 @@ def test_two_processes_give_the_single_process_loss_curve(tmp_path):
     model, processor = build_model(single_cfg)
     single = train(model, processor, single_cfg, progress=False)
     expected = [h["loss"] for h in single.history]
-    for run in ("fsdp", "ddp"):
+    for run in ("fsdp", "ddp", "fsdp-packed"):  # packed: each process packs its share, the same objective
         lines = metrics(tmp_path / run)
         assert [x["step"] for x in lines] == list(range(1, STEPS + 1))
         assert [x["loss"] for x in lines] == pytest.approx(expected, abs=1e-4), run

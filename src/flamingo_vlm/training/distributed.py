@@ -216,6 +216,15 @@ def set_gradient_sync(model, enabled: bool) -> None:
         model.set_requires_gradient_sync(enabled)
 
 
+def reshard(model) -> None:
+    """FSDP2: shard again every parameter a forward without a backward left gathered (the root module keeps its
+    parameters after its forward, for the backward; a gradient-free forward, such as a check, must hand them back
+    or the next backward's gradients are not reduced as sharded ones). Nothing to do without FSDP2."""
+    for module in model.modules():
+        if hasattr(module, "reshard") and hasattr(module, "set_requires_gradient_sync"):
+            module.reshard()
+
+
 def check_mixed_backbone(flamingo_config, frozen_dtype: str, precision: str) -> None:
     """ValueError when frozen backbone weights would be stored in ``frozen_dtype`` around trained backbone layers
     (fp32) without autocast: a trained vision block or LM layer would get bf16 inputs (or hand fp32 on to a bf16

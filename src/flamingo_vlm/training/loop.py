@@ -34,7 +34,7 @@ from ..data.samples import Sample
 from .checkpoint import CHECKPOINTS_DIR, PendingCheckpoint, checkpoint_dir_name, latest_checkpoint, load_checkpoint, save_checkpoint, save_final
 from .comm import count_collectives
 from .config import TrainConfig, load_train_config
-from .distributed import DistEnv, autocast_context, full_tensor, init_distributed, prepare_model, set_gradient_sync
+from .distributed import DistEnv, autocast_context, full_tensor, init_distributed, prepare_model, reshard, set_gradient_sync
 from .feature_cache import VisionFeatureCache
 from .metrics import MetricsLogger
 from .optim import build_optimizer, build_scheduler
@@ -293,6 +293,7 @@ def train(
     prepare_model(model, config, env)
     if config.pack_length:
         check_packed_attention(model, env.device)
+        reshard(model)  # a forward without a backward, under FSDP2
     named = list(model.trainable_parameters())
     params = [p for _, p in named]
     optimizer = build_optimizer(
@@ -382,6 +383,7 @@ def train(
                 result.checkpoint_dir = str(output_dir / CHECKPOINTS_DIR / checkpoint_dir_name(step + 1))
             if callback is not None:
                 callback(record)
+                reshard(model)  # in case it ran forwards without a backward (an evaluation), under FSDP2
         if pending is not None:
             pending.wait()
             pending = None
