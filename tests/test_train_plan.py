@@ -162,6 +162,11 @@ BASE = {
             1,
             r"dataset 'pairs': lanes=3 must divide batch_size=16",
         ),
+        (
+            ["pack_length=256", "pack_micro_batch_rows=2"],
+            2,
+            r"pack_micro_batch_rows needs a single process",
+        ),
     ],
 )
 def test_world_size_rules(tmp_path, overrides, world, message):

@@ -125,7 +125,7 @@ class TrainConfig:
     # all of them, instead of one padded batch per dataset (data/packing.py); at least every dataset's max_tokens.
     # Needs an LM that honours packed position ids (transformers' packed-sequence masks: checked at the start)
     pack_length: int | None = None
-    pack_micro_batch_rows: int | None = None  # packed rows per forward on each process (default: all of the step's)
+    pack_micro_batch_rows: int | None = None  # packed rows per forward (default: all of the step's); one process only
     # precision and speed
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast of the forward where the device supports it
     frozen_dtype: Literal["fp32", "bf16"] | None = None  # store the frozen backbones in this dtype

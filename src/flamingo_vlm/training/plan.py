@@ -159,6 +159,11 @@ def check_launch(config: TrainConfig, world_size: int, device_type: str | None =
         # cached would skip a collective the others run
         problems.append("cache_vision_features with several processes needs frozen_sharding: replicate "
                         "(each process then encodes its own misses)")
+    if config.pack_micro_batch_rows and world_size > 1:
+        # each process packs its own share into as many rows as it needs: split into micro-batches, processes would
+        # run different numbers of forwards, and FSDP's per-forward all-gathers would wait on each other for ever
+        problems.append("pack_micro_batch_rows needs a single process (processes would run different numbers of forwards); "
+                        "with several, each packs its share into one forward: leave it unset")
     problems += check_output_dir(config)
     if problems:
         raise ValueError(f"this config cannot run on {world_size} process(es):\n  - " + "\n  - ".join(problems))
