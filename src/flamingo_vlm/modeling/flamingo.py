@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers.masking_utils import find_packed_sequence_indices
 from torch import nn
+from transformers.masking_utils import find_packed_sequence_indices
 
 from ..config import FlamingoConfig
 from .backbones import check_lm_signature, lm_signature, load_backbones, paths_after_loading, paths_for_saving, write_lm_signature
