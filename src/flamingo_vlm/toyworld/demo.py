@@ -236,7 +236,7 @@ def run_demo(out_dir: str | Path = "flamingo-demo", *, quick: bool = False, seed
         schedule="wsd", decay_steps=settings.decay_steps,  # a decay at the end, after the skills form (docs/toyworld.md "Time")
         gate_lr_multiplier=10.0,  # minutes of training, not 500k steps: the gates must open faster
         checkpoint_every=settings.steps, seed=seed, pack_length=settings.pack_length,
-        cache_vision_features=True,  # 3.4 epochs of the documents, ~6 of the videos: each frame is encoded once
+        cache_vision_features=True,  # 3.6 epochs of the documents, ~6 of the videos: each frame is encoded once
     )
     tasks = toy_tasks(world)
     colour_mapping = next(t for t in tasks if t.name == "label_mapping_colour")

@@ -81,9 +81,30 @@ def micro_batches(samples: list[Sample], size: int | None, *, pad_token_id: int,
     copies to the GPU (``non_blocking``) overlap the computation."""
     size = size or len(samples)
     batches = [collate(samples[i : i + size], pad_token_id=pad_token_id, media_token_id=media_token_id) for i in range(0, len(samples), size)]
-    if pin_memory:
-        batches = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
-    return batches
+    return [pinned(b) for b in batches] if pin_memory else batches
+
+
+def pinned(batch: dict) -> dict:
+    """The batch with its tensors page-locked (their copies to the GPU then overlap the computation)."""
+    return {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _media_inputs(batch: dict, device: torch.device, feature_cache: VisionFeatureCache | None) -> dict:
+    """A batch's media as the model takes them: vision features from ``feature_cache`` (looked up by the host
+    copy's pixels) or the pixels, and the frame mask (None entries where the batch has none)."""
+    pixels, mask = batch["pixel_values"], batch["frame_mask"]
+    media = {"frame_mask": None if mask is None else mask.to(device, non_blocking=True)}
+    if pixels is not None and feature_cache is not None:
+        media["vision_features"] = feature_cache(pixels, mask, device)
+    else:
+        media["pixel_values"] = None if pixels is None else pixels.to(device, non_blocking=True)
+    return media
+
+
+def _loss_scale(part: DatasetBatch, world_size: int) -> float:
+    """A dataset's factor on its NLL sum: lambda_d / its global targets, times the world size (the data-parallel
+    reduction averages over processes while the objective sums them)."""
+    return part.weight * world_size / max(part.num_targets, 1)
 
 
 def forward_backward(model, parts: list[DatasetBatch], *, device: torch.device, precision: str = "fp32", world_size: int = 1,
@@ -107,18 +128,14 @@ def forward_backward(model, parts: list[DatasetBatch], *, device: torch.device, 
     sums = []
     for part in parts:
         nll_sum = torch.zeros((), device=device)
-        scale = part.weight * world_size / max(part.num_targets, 1)
+        scale = _loss_scale(part, world_size)
         for batch in part.micro:
             done += 1
             set_gradient_sync(model, reduce_every_micro_step or done == total)  # by default one reduction, in the last backward
-            inputs = {k: batch[k].to(device, non_blocking=True) if torch.is_tensor(batch[k]) else batch[k]
-                      for k in ("input_ids", "attention_mask", "pixel_values", "frame_mask")}
-            labels = batch["labels"].to(device, non_blocking=True)
+            inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels")}
             with autocast_context(precision, device):  # the loss fused with the LM head: no [B, L, V] logits kept
-                if feature_cache is not None and batch["pixel_values"] is not None:  # looked up by the host copy's pixels
-                    del inputs["pixel_values"]
-                    inputs["vision_features"] = feature_cache(batch["pixel_values"], batch["frame_mask"], device)
-                nll = model(**inputs, labels=labels, return_logits=False, loss_reduction="sum").loss
+                media = _media_inputs(batch, device, feature_cache)
+                nll = model(**inputs, **media, return_logits=False, loss_reduction="sum").loss
             (nll * scale).backward()
             nll_sum += nll.detach()
         sums.append(nll_sum)
@@ -127,7 +144,7 @@ def forward_backward(model, parts: list[DatasetBatch], *, device: torch.device, 
 
 def _forward_backward_packed(model, parts: list[DatasetBatch], packed: list[dict], *, device: torch.device, precision: str,
                              world_size: int, reduce_every_micro_step: bool, feature_cache: VisionFeatureCache | None) -> torch.Tensor:
-    scales = torch.tensor([p.weight * world_size / max(p.num_targets, 1) for p in parts], dtype=torch.float32, device=device)
+    scales = torch.tensor([_loss_scale(p, world_size) for p in parts], dtype=torch.float32, device=device)
     sums = torch.zeros(len(parts), dtype=torch.float32, device=device)
     for i, batch in enumerate(packed):
         set_gradient_sync(model, reduce_every_micro_step or i == len(packed) - 1)
@@ -135,14 +152,7 @@ def _forward_backward_packed(model, parts: list[DatasetBatch], packed: list[dict
         inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "position_ids", "labels")}
         weights = torch.where(dataset >= 0, scales[dataset.clamp(min=0)], torch.zeros((), device=device))
         with autocast_context(precision, device):
-            if batch["pixel_values"] is None:
-                media = {}
-            elif feature_cache is not None:
-                media = {"vision_features": feature_cache(batch["pixel_values"], batch["frame_mask"], device)}
-            else:
-                media = {"pixel_values": batch["pixel_values"].to(device, non_blocking=True)}
-            if batch["frame_mask"] is not None:
-                media["frame_mask"] = batch["frame_mask"].to(device, non_blocking=True)
+            media = _media_inputs(batch, device, feature_cache)
             out = model(**inputs, **media, attention_mask=None, loss_weights=weights, return_logits=False, loss_reduction="sum")
         out.loss.backward()
         real = dataset >= 0
@@ -187,7 +197,7 @@ def take_step_batches(mixture: Mixture, step: int, config: TrainConfig, env: Dis
     if config.pack_length:
         packed = collate_packed([samples for _, samples in drawn], length=config.pack_length, rows_per_batch=config.pack_micro_batch_rows, **kw)
         if pin:
-            packed = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in packed]
+            packed = [pinned(b) for b in packed]
         parts = [DatasetBatch(d, config.datasets[d].loss_weight, [], sum(b["num_targets"][j] for b in packed),
                               sum(b["num_tokens"][j] for b in packed), [s.key for s in samples])
                  for j, (d, samples) in enumerate(drawn)]
